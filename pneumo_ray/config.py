@@ -1,0 +1,341 @@
+"""The one validated config tree: YAML file + command-line overrides.
+
+Every field is checked here, before Ray starts, so that a typo costs a one-line
+error instead of a half-finished sweep. Errors name the field (``search.lr``)
+and say how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+CLASS_WEIGHTING = ("none", "loss", "sampler")
+DATA_SOURCES = ("medmnist", "npz", "folder", "synthetic")
+MEDMNIST_SIZES = (28, 64, 128, 224)
+CROP_MODES = ("none", "pad", "resized")
+SELECTION_METRICS = ("val_auc", "val_acc", "val_balanced_acc", "val_f1", "val_loss")
+EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """Bad user input. The CLI prints it as one line and exits with code 2."""
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "pneumo"
+    storage: str = "./results"
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "medmnist"
+    size: int = 28
+    root: str = "~/.medmnist"  # medmnist: folder holding pneumoniamnist[_SIZE].npz
+    path: str | None = None  # npz file, or folder root of the Kaggle layout
+    min_val_images: int = 50  # folder: a val split smaller than this is carved from train
+    val_fraction: float = 0.1
+    synthetic_train: int = 512
+    synthetic_val: int = 128
+    synthetic_test: int = 128
+
+
+@dataclass
+class AugmentConfig:
+    rotation_deg: float = 10.0
+    hflip: bool = True
+    crop: str = "pad"  # pad: shift by up to crop_padding px; resized: zoom in by up to 1-crop_scale
+    crop_padding: int = 2
+    crop_scale: float = 0.85
+    normalize: bool = True
+
+
+@dataclass
+class ModelConfig:
+    pretrained: bool = False
+    weights_file: str | None = None  # offline pretrained weights for timm models
+    head_dropout: float = 0.2
+    head_warmup_epochs: int = 0  # two-stage fine-tuning: train only the head first
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    warmup_epochs: int = 1
+    grad_clip: float = 1.0  # 0 turns it off
+    amp: bool = True  # used only where the device supports it (CUDA)
+    eval_batch_size: int = 512
+
+
+@dataclass
+class AshaConfig:
+    enabled: bool = True
+    grace_period: int = 2
+    reduction_factor: int = 2
+
+
+@dataclass
+class SearchConfig:
+    """Each dimension is a list of choices; lr and weight_decay are [low, high] log ranges.
+
+    A dimension with one value is fixed. freeze_depth is searched only for
+    pretrained models (it means nothing for weights learned from scratch).
+    """
+
+    model: list = field(default_factory=lambda: ["cnn_bn"])
+    optimizer: list = field(default_factory=lambda: ["adamw", "sgd"])
+    lr: list = field(default_factory=lambda: [1e-4, 1e-2])
+    weight_decay: list = field(default_factory=lambda: [1e-6, 1e-3])
+    batch_size: list = field(default_factory=lambda: [64, 128])
+    class_weighting: list = field(default_factory=lambda: ["none", "loss", "sampler"])
+    freeze_depth: list = field(default_factory=lambda: [0])
+    num_samples: int = 8
+    max_concurrent_trials: int = 2
+    metric: str = "val_auc"
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    optuna_storage: str | None = None  # SQLAlchemy URL; default: sqlite file in the experiment folder
+
+
+@dataclass
+class ResourcesConfig:
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 2  # worker-group restarts per trial, resumed from the last checkpoint
+
+
+@dataclass
+class LeaderboardConfig:
+    top_k: int = 3
+
+
+@dataclass
+class Config:
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.experiment.storage).expanduser().resolve() / self.experiment.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _build(cls, raw: Any, where: str):
+    """Turn a nested dict into dataclass ``cls``, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field; known fields are {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in raw.items():
+        path = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, path: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    optional = type(None) in typing.get_args(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{path}: must not be empty")
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if base is list:
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected a whole number, got {value!r}")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected text, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} at {path}")  # a bug here, not user input
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: dict | None = None) -> Config:
+    """Load a YAML sweep config, apply dotted overrides ({"search.num_samples": 4}), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML file with --config")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return from_dict(raw)
+
+
+def parse_data_spec(spec: str) -> dict:
+    """``synthetic | npz:PATH | folder:PATH | medmnist:SIZE[:ROOT]`` -> data.* overrides."""
+    kind, _, rest = spec.partition(":")
+    if kind == "synthetic" and not rest:
+        return {"data.source": "synthetic"}
+    if kind in ("npz", "folder") and rest:
+        return {"data.source": kind, "data.path": rest}
+    if kind == "medmnist":
+        size, _, root = rest.partition(":")
+        out = {"data.source": "medmnist"}
+        if size:
+            if not size.isdigit():
+                raise ConfigError(f"--data {spec}: size must be one of {MEDMNIST_SIZES}")
+            out["data.size"] = int(size)
+        if root:
+            out["data.root"] = root
+        return out
+    raise ConfigError(f"--data {spec}: expected synthetic, npz:PATH, folder:PATH or medmnist:SIZE[:ROOT]")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, path: str, message: str):
+    if not ok:
+        raise ConfigError(f"{path}: {message}")
+
+
+def _check_choices(values: list, allowed, path: str):
+    _check(len(values) > 0, path, "needs at least one value")
+    for v in values:
+        _check(v in allowed, path, f"unknown value {v!r}; choose from {', '.join(map(str, allowed))}")
+
+
+def _check_log_range(values: list, path: str):
+    _check(len(values) in (1, 2), path, "expected one value or a [low, high] range")
+    for v in values:
+        _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, path,
+               f"values must be positive numbers (searched on a log scale), got {v!r}")
+    _check(values[0] <= values[-1], path, f"low {values[0]} is above high {values[-1]}")
+
+
+def validate(cfg: Config) -> None:
+    from pneumo_ray.models import check_model_name  # lazy: keeps config importable without torch
+
+    e = cfg.experiment
+    _check(bool(EXPERIMENT_NAME.match(e.name)) and ".." not in e.name, "experiment.name",
+           f"{e.name!r} must be letters, digits, '.', '_' or '-' (no path separators, no '..')")
+    _check(bool(e.storage), "experiment.storage", "must name a folder")
+
+    d = cfg.data
+    _check_choices([d.source], DATA_SOURCES, "data.source")
+    if d.source == "medmnist":
+        _check(d.size in MEDMNIST_SIZES, "data.size", f"PneumoniaMNIST comes in {MEDMNIST_SIZES}, got {d.size}")
+    _check(8 <= d.size <= 1024, "data.size", f"image side in pixels must be 8..1024, got {d.size}")
+    if d.source in ("npz", "folder"):
+        _check(bool(d.path), "data.path", f"source {d.source!r} needs a path (or use --data {d.source}:PATH)")
+    _check(0 < d.val_fraction < 0.5, "data.val_fraction", "must be between 0 and 0.5")
+    for name in ("synthetic_train", "synthetic_val", "synthetic_test"):
+        _check(getattr(d, name) >= 8, f"data.{name}", "needs at least 8 images")
+
+    a = cfg.augment
+    _check(0 <= a.rotation_deg <= 180, "augment.rotation_deg", "must be in 0..180 degrees")
+    _check_choices([a.crop], CROP_MODES, "augment.crop")
+    _check(a.crop_padding >= 0, "augment.crop_padding", "must be >= 0")
+    _check(0.3 <= a.crop_scale <= 1, "augment.crop_scale", "must be in 0.3..1")
+
+    m = cfg.model
+    _check(0 <= m.head_dropout < 1, "model.head_dropout", "must be in [0, 1)")
+    _check(m.head_warmup_epochs >= 0, "model.head_warmup_epochs", "must be >= 0")
+    if m.weights_file:
+        _check(m.pretrained, "model.weights_file", "is only used with model.pretrained: true")
+        _check(Path(m.weights_file).expanduser().is_file(), "model.weights_file",
+               f"{m.weights_file} not found; point it at a local timm weights file (.safetensors/.pth)")
+
+    t = cfg.train
+    _check(t.epochs >= 1, "train.epochs", "must be >= 1")
+    _check(0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", "must be >= 0 and below train.epochs")
+    _check(m.head_warmup_epochs < t.epochs, "model.head_warmup_epochs", "must be below train.epochs")
+    _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+
+    s = cfg.search
+    _check(len(s.model) > 0, "search.model", "needs at least one model name")
+    for name in s.model:
+        _check(isinstance(name, str), "search.model", f"model names are text, got {name!r}")
+        problem = check_model_name(name)
+        _check(problem is None, "search.model", problem or "")
+    _check_choices(s.optimizer, OPTIMIZERS, "search.optimizer")
+    _check_log_range(s.lr, "search.lr")
+    _check_log_range(s.weight_decay, "search.weight_decay")
+    _check(len(s.batch_size) > 0, "search.batch_size", "needs at least one value")
+    for b in s.batch_size:
+        _check(isinstance(b, int) and not isinstance(b, bool) and b >= 2, "search.batch_size",
+               f"batch sizes are whole numbers >= 2, got {b!r}")
+    _check_choices(s.class_weighting, CLASS_WEIGHTING, "search.class_weighting")
+    for k in s.freeze_depth:
+        _check(isinstance(k, int) and not isinstance(k, bool) and k >= 0, "search.freeze_depth",
+               f"freeze depths are whole numbers >= 0, got {k!r}")
+    _check(len(s.freeze_depth) > 0, "search.freeze_depth", "needs at least one value (0 = train everything)")
+    if not m.pretrained:
+        _check(s.freeze_depth == [0], "search.freeze_depth",
+               "freezing only makes sense for pretrained weights; set model.pretrained: true or use [0]")
+    _check(s.num_samples >= 1, "search.num_samples", "must be >= 1")
+    _check(s.max_concurrent_trials >= 1, "search.max_concurrent_trials", "must be >= 1")
+    _check_choices([s.metric], SELECTION_METRICS, "search.metric")
+    _check(s.asha.grace_period >= 1, "search.asha.grace_period", "must be >= 1")
+    _check(s.asha.reduction_factor >= 2, "search.asha.reduction_factor", "must be >= 2")
+    from pneumo_ray.search_space import searched_dimensions
+
+    _check(s.num_samples == 1 or bool(searched_dimensions(cfg)), "search",
+           "every dimension is fixed, so there is nothing to search; give some dimension two or more values")
+
+    r = cfg.resources
+    _check(r.workers_per_trial >= 1, "resources.workers_per_trial", "must be >= 1")
+    _check(r.cpus_per_worker > 0, "resources.cpus_per_worker", "must be > 0 (fractions allowed)")
+    _check(r.gpus_per_worker >= 0, "resources.gpus_per_worker", "must be >= 0 (fractions such as 0.25 allowed)")
+    _check(r.gpus_per_worker <= 1 or float(r.gpus_per_worker).is_integer(), "resources.gpus_per_worker",
+           "above 1 must be a whole number")
+    _check(r.max_failures >= 0, "resources.max_failures", "must be >= 0")
+
+    _check(cfg.leaderboard.top_k >= 1, "leaderboard.top_k", "must be >= 1")

@@ -1,0 +1,214 @@
+"""Data sources -> one in-memory ``Splits``: uint8 images N x H x W, int64 labels, class names.
+
+Every source (medmnist, npz, folder, synthetic) ends in the same form, so the
+training loop never knows where images came from. The driver loads once and puts
+``Splits`` in Ray's object store; trials read it zero-copy and never touch files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pneumo_ray.config import ConfigError, DataConfig
+
+CLASS_NAMES = ("normal", "pneumonia")
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass
+class Splits:
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    class_names: tuple = CLASS_NAMES
+    source: str = ""
+    skipped_files: list = field(default_factory=list)  # unreadable images the folder source passed over
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[-1])
+
+    def train_mean_std(self) -> tuple[float, float]:
+        """Normalisation statistics from the train split only (val/test must not leak in)."""
+        x = self.train_x.astype(np.float32) / 255.0
+        return float(x.mean()), float(x.std() + 1e-6)
+
+    def summary(self) -> str:
+        parts = []
+        for name in SPLITS:
+            _, y = self.split(name)
+            counts = np.bincount(y, minlength=len(self.class_names))
+            parts.append(f"{name} {len(y)} ({'/'.join(str(c) for c in counts)})")
+        return f"{self.source}: {self.image_size}px, " + ", ".join(parts) + f" [{'/'.join(self.class_names)}]"
+
+
+def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
+    loaders = {"medmnist": _load_medmnist, "npz": _load_npz, "folder": _load_folder, "synthetic": _load_synthetic}
+    splits = loaders[cfg.source](cfg, seed)
+    check_splits(splits, where=splits.source)
+    return splits
+
+
+def check_splits(splits: Splits, where: str) -> None:
+    for name in SPLITS:
+        x, y = splits.split(name)
+        if len(x) == 0:
+            raise ConfigError(f"{where}: the {name} split is empty")
+        if x.ndim != 3 or x.dtype != np.uint8:
+            raise ConfigError(f"{where}: {name} images must be uint8 N x H x W, got {x.dtype} {x.shape}")
+        if len(x) != len(y):
+            raise ConfigError(f"{where}: {name} has {len(x)} images but {len(y)} labels")
+        present = np.unique(y)
+        if len(present) < 2:
+            raise ConfigError(f"{where}: the {name} split holds only class {present.tolist()}; "
+                              "both normal (0) and pneumonia (1) are needed")
+        if present.min() < 0 or present.max() >= len(splits.class_names):
+            raise ConfigError(f"{where}: {name} labels must be 0 (normal) or 1 (pneumonia), got {present.tolist()}")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _from_arrays(arrays, where: str) -> Splits:
+    """MedMNIST npz layout: {train,val,test}_{images,labels}; labels N or N x 1."""
+    out = {}
+    for name in SPLITS:
+        for kind in ("images", "labels"):
+            if f"{name}_{kind}" not in arrays:
+                raise ConfigError(f"{where}: missing array '{name}_{kind}'; a MedMNIST-format npz holds "
+                                  "train/val/test _images and _labels")
+        images = np.asarray(arrays[f"{name}_images"])
+        if images.ndim == 4 and images.shape[-1] in (1, 3):  # N x H x W x C colour or singleton channel
+            images = images.mean(axis=-1).round().astype(np.uint8) if images.shape[-1] == 3 else images[..., 0]
+        if images.ndim != 3:
+            raise ConfigError(f"{where}: '{name}_images' must be N x H x W grayscale, got shape {images.shape}")
+        if images.dtype != np.uint8:
+            raise ConfigError(f"{where}: '{name}_images' must be uint8, got {images.dtype}")
+        out[f"{name}_x"] = np.ascontiguousarray(images)
+        out[f"{name}_y"] = np.asarray(arrays[f"{name}_labels"]).reshape(-1).astype(np.int64)
+    return Splits(**out, source=where)
+
+
+def _load_npz(cfg: DataConfig, seed: int) -> Splits:
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{path}: npz file not found; check data.path (or --data npz:PATH)")
+    try:
+        with np.load(path) as arrays:
+            return _from_arrays({k: arrays[k] for k in arrays.files}, str(path))
+    except ConfigError:
+        raise
+    except Exception as err:  # zipfile/pickle errors: the file is not a readable npz
+        raise ConfigError(f"{path}: not a readable npz file ({type(err).__name__}: {err})") from None
+
+
+def _load_medmnist(cfg: DataConfig, seed: int) -> Splits:
+    import medmnist
+
+    root = Path(cfg.root).expanduser()
+    suffix = "" if cfg.size == 28 else f"_{cfg.size}"
+    expected = root / f"pneumoniamnist{suffix}.npz"
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        # download=True verifies the MD5 of a file already in root and downloads only when it is absent.
+        ds = {s: medmnist.PneumoniaMNIST(split=s, root=str(root), size=cfg.size, download=True) for s in SPLITS}
+    except Exception as err:
+        raise ConfigError(f"{expected}: PneumoniaMNIST {cfg.size}px could not be loaded or downloaded "
+                          f"({type(err).__name__}); place the official file there or set data.root") from None
+    arrays = {}
+    for s in SPLITS:
+        arrays[f"{s}_images"], arrays[f"{s}_labels"] = ds[s].imgs, ds[s].labels
+    return _from_arrays(arrays, f"medmnist:{expected}")
+
+
+def _read_gray(path: Path, size: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()  # forces a full decode, so a truncated file fails here, not in training
+        return np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def _load_folder(cfg: DataConfig, seed: int) -> Splits:
+    """Kaggle chest_xray layout: {train,val,test}/{NORMAL,PNEUMONIA}/* (folder names case-insensitive)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"{root}: folder not found; expected {{train,val,test}}/{{NORMAL,PNEUMONIA}}/ images")
+    files: dict[str, list[tuple[Path, int]]] = {s: [] for s in SPLITS}
+    for split_dir in root.iterdir():
+        if split_dir.name.lower() not in SPLITS or not split_dir.is_dir():
+            continue
+        for class_dir in split_dir.iterdir():
+            name = class_dir.name.lower()
+            if class_dir.is_dir() and name in CLASS_NAMES:
+                label = CLASS_NAMES.index(name)
+                files[split_dir.name.lower()] += [(p, label) for p in sorted(class_dir.iterdir())
+                                                  if p.suffix.lower() in IMAGE_SUFFIXES]
+    for s in ("train", "test"):
+        if not files[s]:
+            raise ConfigError(f"{root}: no images under {s}/NORMAL or {s}/PNEUMONIA; "
+                              "expected the Kaggle chest_xray layout")
+
+    skipped: list[str] = []
+    arrays = {}
+
+    def read(item):
+        try:
+            return _read_gray(item[0], cfg.size)
+        except Exception:
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:  # PIL decode frees the GIL
+        for s in SPLITS:
+            images = list(pool.map(read, files[s]))
+            ok = [i for i, img in enumerate(images) if img is not None]
+            skipped += [str(files[s][i][0]) for i, img in enumerate(images) if img is None]
+            arrays[s] = (np.stack([images[i] for i in ok]) if ok else np.zeros((0, cfg.size, cfg.size), np.uint8),
+                         np.array([files[s][i][1] for i in ok], dtype=np.int64))
+
+    if len(arrays["val"][1]) < cfg.min_val_images:
+        # Kaggle's val split has 16 images: too few to select models on. Carve a stratified one from train.
+        from sklearn.model_selection import train_test_split
+
+        tx, ty = arrays["train"]
+        vx, vy = arrays["val"]
+        tx, cx, ty, cy = train_test_split(tx, ty, test_size=cfg.val_fraction, stratify=ty, random_state=seed)
+        arrays["train"] = (tx, ty)
+        arrays["val"] = (np.concatenate([vx, cx]), np.concatenate([vy, cy]))
+
+    if skipped:
+        print(f"[pneumo-ray] skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:10])}"
+              + (" ..." if len(skipped) > 10 else ""))
+    return Splits(*arrays["train"], *arrays["val"], *arrays["test"], source=f"folder:{root}", skipped_files=skipped)
+
+
+def make_synthetic(n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy 'lungs' where pneumonia adds a bright diffuse blob at a random place: learnable, not trivial."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    labels = (rng.random(n) < 0.65).astype(np.int64)  # PneumoniaMNIST-like imbalance
+    images = 0.35 + 0.15 * np.sin(6 * xx)[None] + 0.12 * rng.standard_normal((n, size, size)).astype(np.float32)
+    cy, cx = rng.uniform(0.3, 0.7, (2, n)).astype(np.float32)
+    radius = rng.uniform(0.12, 0.2, n).astype(np.float32)
+    blob = np.exp(-(((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2)
+                    / (2 * radius[:, None, None] ** 2)))
+    images += 0.35 * labels[:, None, None] * blob
+    return (np.clip(images, 0, 1) * 255).astype(np.uint8), labels
+
+
+def _load_synthetic(cfg: DataConfig, seed: int) -> Splits:
+    rng = np.random.default_rng(seed)
+    parts = [make_synthetic(n, cfg.size, rng) for n in (cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_test)]
+    return Splits(*parts[0], *parts[1], *parts[2], source="synthetic")

@@ -1,0 +1,55 @@
+"""Config -> Optuna define-by-run search space.
+
+Define-by-run lets a parameter exist only when it means something: freeze_depth
+is suggested only for pretrained models, so TPE never models a dimension that
+does nothing. A dimension with a single value is returned as a constant.
+"""
+
+from __future__ import annotations
+
+from pneumo_ray.config import Config
+
+
+def searched_dimensions(cfg: Config) -> list[str]:
+    s = cfg.search
+    dims = [name for name in ("model", "optimizer", "batch_size", "class_weighting") if len(set(getattr(s, name))) > 1]
+    dims += [name for name in ("lr", "weight_decay") if getattr(s, name)[0] != getattr(s, name)[-1]]
+    if cfg.model.pretrained and len(set(s.freeze_depth)) > 1:
+        dims.append("freeze_depth")
+    return dims
+
+
+class DefineByRun:
+    """``space(trial) -> constants``, as OptunaSearch wants it. A class, not a closure, because
+    Tune pickles the searcher (and so this) into the experiment state for ``--resume``."""
+
+    def __init__(self, cfg: Config):
+        self.search = cfg.search
+        self.pretrained = cfg.model.pretrained
+
+    def __call__(self, trial) -> dict:
+        s, constants = self.search, {}
+
+        def categorical(name, choices):
+            if len(set(choices)) > 1:
+                trial.suggest_categorical(name, list(choices))
+            else:
+                constants[name] = choices[0]
+
+        def log_range(name, bounds):
+            if bounds[0] != bounds[-1]:
+                trial.suggest_float(name, float(bounds[0]), float(bounds[-1]), log=True)
+            else:
+                constants[name] = float(bounds[0])
+
+        categorical("model", s.model)
+        categorical("optimizer", s.optimizer)
+        log_range("lr", s.lr)
+        log_range("weight_decay", s.weight_decay)
+        categorical("batch_size", s.batch_size)
+        categorical("class_weighting", s.class_weighting)
+        if self.pretrained:  # conditional: frozen stages mean nothing without pretrained weights
+            categorical("freeze_depth", s.freeze_depth)
+        else:
+            constants["freeze_depth"] = 0
+        return constants

@@ -1,0 +1,184 @@
+"""The sweep: Ray Tune (Optuna TPE + ASHA) over trials that are each a Ray Train DDP run.
+
+Ray 2.60 runs Train V2, whose recommended Train-inside-Tune pattern is a Tune
+*function* trainable that builds a ``TorchTrainer`` and forwards its reports to
+Tune with ``TuneReportCallback``. Everything that can be checked is checked in
+``prepare`` before Ray starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pneumo_ray import config as config_mod
+from pneumo_ray.config import Config, ConfigError
+from pneumo_ray.data import Splits, load_splits
+from pneumo_ray.leaderboard import TRAIN_RUNS
+
+CONFIG_FILE = "pneumo_config.yaml"  # the resolved config, saved so --resume reruns exactly this sweep
+OPTUNA_FILE = "optuna.db"
+
+
+def selection_mode(metric: str) -> str:
+    return "min" if metric.endswith("loss") else "max"
+
+
+@dataclass
+class Prepared:
+    cfg: Config
+    splits: Splits
+    resume: bool
+
+
+def prepare(cfg: Config, resume: bool) -> Prepared:
+    """All pre-flight checks, before Ray starts: experiment folder, data, models. Raises ConfigError."""
+    exp_dir = cfg.experiment_dir
+    saved = exp_dir / CONFIG_FILE
+    if resume:
+        if not saved.is_file():
+            raise ConfigError(f"{exp_dir}: no experiment to resume here ({CONFIG_FILE} missing); "
+                              "check --storage/--name, or drop --resume to start it")
+        cfg = config_mod.load(saved)  # resume what was started, not whatever the YAML says today
+    elif exp_dir.exists() and any(exp_dir.iterdir()):
+        raise ConfigError(f"{exp_dir}: experiment '{cfg.experiment.name}' already exists; "
+                          "pass --resume to continue it or --name NEW to start another (nothing was overwritten)")
+    if cfg.model.weights_file:
+        cfg.model.weights_file = str(Path(cfg.model.weights_file).expanduser().resolve())
+    splits = load_splits(cfg.data, cfg.experiment.seed)
+    check_models(cfg, splits.image_size)
+    return Prepared(cfg, splits, resume)
+
+
+def check_models(cfg: Config, image_size: int) -> None:
+    """Build every searched model once and run a tiny batch through it, so a model that cannot take
+    this image size or freeze depth fails now rather than as a failed trial an hour in."""
+    import torch
+
+    from pneumo_ray.models import build_model, max_freeze_depth
+
+    for name in cfg.search.model:
+        try:
+            model = build_model(name, image_size, pretrained=cfg.model.pretrained, weights_file=cfg.model.weights_file)
+            model.eval()
+            with torch.no_grad():
+                model(torch.zeros(2, 1, image_size, image_size))
+        except Exception as err:
+            raise ConfigError(f"search.model: {name!r} cannot be built for {image_size}px images "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        deepest = max_freeze_depth(model)
+        if cfg.model.pretrained and max(cfg.search.freeze_depth) > deepest:
+            raise ConfigError(f"search.freeze_depth: {max(cfg.search.freeze_depth)} exceeds the {deepest} "
+                              f"stem/stage groups of {name}; use values 0..{deepest}")
+
+
+# --------------------------------------------------------------------------- inside Ray
+
+
+def tune_trial(params: dict, cfg_dict: dict, splits_holder: dict) -> None:
+    """One Tune trial = one Ray Train run. Its id names the Train run, so a restored trial
+    (after a driver crash) resumes the same run from its latest checkpoint."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pneumo_ray.train import ray_train_worker
+
+    cfg = config_mod.from_dict(cfg_dict)
+    r = cfg.resources
+    metric = cfg.search.metric
+    trainer = TorchTrainer(
+        ray_train_worker,
+        train_loop_config={"cfg": cfg_dict, "params": dict(params), "splits_ref": splits_holder["ref"]},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
+            resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}),
+        run_config=ray.train.RunConfig(
+            name=tune.get_context().get_trial_id(),
+            storage_path=str(cfg.experiment_dir / TRAIN_RUNS),
+            # Keeps the best epoch by the selection metric; Ray also always keeps the latest, to resume from.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=selection_mode(metric)),
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def _init_ray(cfg: Config, address: str | None) -> int:
+    """Connect to a cluster, or start a local Ray. Returns the number of trials that can run at once."""
+    import ray
+
+    s, r = cfg.search, cfg.resources
+    if address:
+        ray.init(address=address)
+        return s.max_concurrent_trials
+    cores = os.cpu_count() or 1
+    # Each trial's Tune function only waits on its TorchTrainer, but Tune reserves 1 CPU for it. Give
+    # local Ray one logical CPU per concurrent trial on top of the cores, so those idle coordinators do
+    # not take cores away from the training workers.
+    ray.init(num_cpus=cores + s.max_concurrent_trials, dashboard_host="127.0.0.1")
+    per_trial = r.workers_per_trial * r.cpus_per_worker
+    fits = max(1, math.floor(cores / per_trial + 1e-9))
+    if fits < s.max_concurrent_trials:
+        print(f"[pneumo-ray] {cores} cores fit {fits} trial(s) of {per_trial:g} CPUs at once; "
+              f"running {fits} concurrently instead of search.max_concurrent_trials={s.max_concurrent_trials}")
+    return min(fits, s.max_concurrent_trials)
+
+
+def run(prepared: Prepared, address: str | None = None):
+    """Run (or resume) the sweep, then write the test leaderboard. Returns the leaderboard rows."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pneumo_ray.leaderboard import write_leaderboard
+    from pneumo_ray.search_space import DefineByRun
+
+    cfg, splits = prepared.cfg, prepared.splits
+    exp_dir = cfg.experiment_dir
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    if not prepared.resume:
+        (exp_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    print(f"[pneumo-ray] data {splits.summary()}")
+    print(f"[pneumo-ray] experiment {exp_dir}  (tensorboard --logdir {exp_dir})")
+
+    concurrency = _init_ray(cfg, address)
+    try:
+        s = cfg.search
+        mode = selection_mode(s.metric)
+        trainable = tune.with_parameters(tune_trial, cfg_dict=cfg.to_dict(), splits_holder={"ref": ray.put(splits)})
+        trainable = tune.with_resources(trainable, {"CPU": 1})
+        if prepared.resume:
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True)
+        else:
+            storage_url = s.optuna_storage or f"sqlite:///{exp_dir / OPTUNA_FILE}"
+            searcher = OptunaSearch(
+                space=DefineByRun(cfg), metric=s.metric, mode=mode,
+                sampler=optuna.samplers.TPESampler(seed=cfg.experiment.seed),
+                study_name=cfg.experiment.name, storage=optuna.storages.RDBStorage(storage_url))
+            scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.asha.grace_period,
+                                       reduction_factor=s.asha.reduction_factor)
+                         if s.asha.enabled else FIFOScheduler())
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(metric=s.metric, mode=mode, search_alg=searcher, scheduler=scheduler,
+                                            num_samples=s.num_samples, max_concurrent_trials=concurrency),
+                run_config=tune.RunConfig(name=cfg.experiment.name, storage_path=str(exp_dir.parent)),
+            )
+        results = tuner.fit()
+        errors = [r for r in results if r.error]
+        if errors:
+            print(f"[pneumo-ray] {len(errors)} trial(s) failed; first: {str(errors[0].error).splitlines()[0]}")
+    finally:
+        ray.shutdown()
+    return write_leaderboard(exp_dir, cfg, splits)
+
