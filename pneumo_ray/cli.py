@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl+C
 
 
 def _positive_int(text: str) -> int:
@@ -54,6 +55,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     prepared = sweep.prepare(cfg, resume=args.resume)  # every check that can fail does so before Ray starts
     rows = sweep.run(prepared, address=args.address)
     exp_dir = prepared.cfg.experiment_dir
+    if rows is None:
+        print(f"\nSweep interrupted; its state is saved. Continue it with:\n  python sweeps/run.py --resume "
+              f"--storage {exp_dir.parent} --name {exp_dir.name}")
+        return EXIT_INTERRUPTED
     print(f"\nTest leaderboard (top {len(rows)} by {prepared.cfg.search.metric}; test split used once, here):\n")
     print(to_markdown(rows) if rows else "no trial finished an epoch")
     print(f"Outputs in {exp_dir}: leaderboard.csv/.json/.md, best/, {sweep.OPTUNA_FILE}, trial folders")

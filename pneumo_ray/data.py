@@ -199,12 +199,12 @@ def make_synthetic(n: int, size: int, rng: np.random.Generator) -> tuple[np.ndar
     """Noisy 'lungs' where pneumonia adds a bright diffuse blob at a random place: learnable, not trivial."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     labels = (rng.random(n) < 0.65).astype(np.int64)  # PneumoniaMNIST-like imbalance
-    images = 0.35 + 0.15 * np.sin(6 * xx)[None] + 0.12 * rng.standard_normal((n, size, size)).astype(np.float32)
+    images = 0.35 + 0.15 * np.sin(6 * xx)[None] + 0.15 * rng.standard_normal((n, size, size)).astype(np.float32)
     cy, cx = rng.uniform(0.3, 0.7, (2, n)).astype(np.float32)
     radius = rng.uniform(0.12, 0.2, n).astype(np.float32)
     blob = np.exp(-(((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2)
                     / (2 * radius[:, None, None] ** 2)))
-    images += 0.35 * labels[:, None, None] * blob
+    images += 0.18 * labels[:, None, None] * blob
     return (np.clip(images, 0, 1) * 255).astype(np.uint8), labels
 
 

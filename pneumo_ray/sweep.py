@@ -116,6 +116,8 @@ def _init_ray(cfg: Config, address: str | None) -> int:
     import ray
 
     s, r = cfg.search, cfg.resources
+    if ray.is_initialized():  # a caller (a test session, a notebook) already runs Ray: use it as it is
+        return s.max_concurrent_trials
     if address:
         ray.init(address=address)
         return s.max_concurrent_trials
@@ -133,7 +135,8 @@ def _init_ray(cfg: Config, address: str | None) -> int:
 
 
 def run(prepared: Prepared, address: str | None = None):
-    """Run (or resume) the sweep, then write the test leaderboard. Returns the leaderboard rows."""
+    """Run (or resume) the sweep, then write the test leaderboard. Returns the leaderboard rows,
+    or None when the sweep was interrupted before every trial finished."""
     import optuna
     import ray
     from ray import tune
@@ -151,6 +154,7 @@ def run(prepared: Prepared, address: str | None = None):
     print(f"[pneumo-ray] data {splits.summary()}")
     print(f"[pneumo-ray] experiment {exp_dir}  (tensorboard --logdir {exp_dir})")
 
+    owns_ray = not ray.is_initialized()
     concurrency = _init_ray(cfg, address)
     try:
         s = cfg.search
@@ -175,10 +179,13 @@ def run(prepared: Prepared, address: str | None = None):
                 run_config=tune.RunConfig(name=cfg.experiment.name, storage_path=str(exp_dir.parent)),
             )
         results = tuner.fit()
-        errors = [r for r in results if r.error]
-        if errors:
-            print(f"[pneumo-ray] {len(errors)} trial(s) failed; first: {str(errors[0].error).splitlines()[0]}")
+        if results.num_errors:
+            first = next(r.error for r in results if r.error)
+            print(f"[pneumo-ray] {results.num_errors} trial(s) failed; first: {str(first).splitlines()[0]}")
     finally:
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
+    if results.num_terminated + results.num_errors < cfg.search.num_samples:
+        return None  # interrupted (Ctrl+C): Tune saved its state; the test split stays untouched
     return write_leaderboard(exp_dir, cfg, splits)
 

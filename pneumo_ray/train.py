@@ -167,18 +167,22 @@ def epoch_indices(labels: np.ndarray, weighting: str, seed: int, epoch: int, ran
     return order[rank::world]
 
 
-def _write_checkpoint(directory: str, model: nn.Module, optimizer, scheduler, scaler, meta: dict) -> None:
+def _write_checkpoint(directory: str, model: nn.Module, optimizer, scheduler, scaler, aug_gen, meta: dict) -> None:
     torch.save(unwrap(model).state_dict(), os.path.join(directory, MODEL_FILE))
+    # RNG states too, so a resumed trial continues the very same run (same augmentations, same dropout).
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": meta["metrics"]["epoch"]}, os.path.join(directory, STATE_FILE))
+                "scaler": scaler.state_dict(), "epoch": meta["metrics"]["epoch"],
+                "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state()},
+               os.path.join(directory, STATE_FILE))
     Path(directory, META_FILE).write_text(json.dumps(meta, indent=1))
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def fit(cfg: Config, params: dict, splits: Splits, session) -> None:
-    """Train one trial; report train loss and val metrics (rank 0) to the session every epoch."""
+def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
+    """Train one trial; report train loss and val metrics (rank 0) to the session every epoch.
+    Returns the trained model (unwrapped from DDP)."""
     torch.set_num_threads(session.threads)  # the trial's CPU share, so concurrent trials don't oversubscribe
     seed = cfg.experiment.seed
     torch.manual_seed(seed)  # same init on every rank; DDP also broadcasts rank 0's weights
@@ -198,6 +202,7 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> None:
         (lambda step, head=g["is_head"]: lr_factor(step, steps_per_epoch, cfg, head)) for g in optimizer.param_groups])
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
+    aug_gen = torch.Generator().manual_seed(seed * 7919 + session.rank)
     start_epoch = 0
     restored = session.latest_checkpoint()
     if restored:
@@ -206,6 +211,8 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        aug_gen.set_state(state["aug_rng"])
+        torch.set_rng_state(state["torch_rng"])
         start_epoch = state["epoch"]
 
     mean, std = splits.train_mean_std()
@@ -214,7 +221,6 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> None:
         warnings.simplefilter("ignore", UserWarning)
         train_x = torch.from_numpy(splits.train_x)
     loss_weight = class_weights(train_y).to(device) if params["class_weighting"] == "loss" else None
-    aug_gen = torch.Generator().manual_seed(seed * 7919 + session.rank)
     meta = {"model": params["model"], "params": params, "image_size": splits.image_size, "mean": mean, "std": std,
             "normalize": normalize, "class_names": list(splits.class_names), "head_dropout": cfg.model.head_dropout}
 
@@ -247,5 +253,6 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> None:
             val, _ = evaluate(unwrap(model), splits.val_x, splits.val_y, mean, std, normalize, device, "val_",
                               cfg.train.eval_batch_size)
             metrics.update(val)
-        session.report(metrics, lambda d: _write_checkpoint(d, model, optimizer, scheduler, scaler,
+        session.report(metrics, lambda d: _write_checkpoint(d, model, optimizer, scheduler, scaler, aug_gen,
                                                             {**meta, "metrics": metrics}))
+    return unwrap(model)

@@ -1,0 +1,62 @@
+"""Shared fixtures: a private RAY_TMPDIR per test, one real Ray instance per session, data makers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_NPZ = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
+
+
+def _short_tmpdir(prefix: str) -> str:
+    # Ray puts unix sockets under RAY_TMPDIR; their paths must stay under ~107 characters.
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+@pytest.fixture(autouse=True)
+def private_ray_tmpdir(monkeypatch):
+    """Every test (and every Ray it starts in a subprocess) gets its own RAY_TMPDIR."""
+    path = _short_tmpdir("prt-")
+    monkeypatch.setenv("RAY_TMPDIR", path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for all in-process Ray tests: starting Ray costs ~10 s, so it is shared."""
+    import ray
+
+    tmp = _short_tmpdir("prs-")
+    ray.init(num_cpus=4, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_npz(path: Path, n=(64, 32, 32), size=28, seed=0, one_class_split: str | None = None) -> Path:
+    from pneumo_ray.data import make_synthetic
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        x, y = make_synthetic(count, size, rng)
+        if split == one_class_split:
+            y[:] = 1
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y[:, None]
+    np.savez(path, **arrays)
+    return path
+
+
+def run_cli(*args: str, timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """The real entry point in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=os.environ.copy())

@@ -1,0 +1,135 @@
+"""Bad config, data and CLI input stop the run before Ray starts: one line naming the field/file, exit 2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pneumo_ray import cli
+from tests.conftest import ROOT, run_cli, write_npz
+
+SMOKE = ROOT / "sweeps" / "configs" / "smoke.yaml"
+
+
+def smoke_with(tmp_path: Path, **sections) -> Path:
+    raw = yaml.safe_load(SMOKE.read_text())
+    for dotted, value in sections.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    code = cli.main(["sweep", *args])
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ({"search__model": ["resnet18", "not_a_model"]}, "search.model: unknown model 'not_a_model'"),
+    ({"search__optimizer": ["adamw", "lion"]}, "search.optimizer: unknown value 'lion'"),
+    ({"search__lr": [0.1, 0.001]}, "search.lr: low 0.1 is above high 0.001"),
+    ({"search__lr": [-1, 0.1]}, "search.lr: values must be positive"),
+    ({"search__batch_size": [64.5]}, "search.batch_size: batch sizes are whole numbers"),
+    ({"search__class_weighting": ["focal"]}, "search.class_weighting: unknown value 'focal'"),
+    ({"search__freeze_depth": [0, 2]}, "search.freeze_depth: freezing only makes sense for pretrained"),
+    ({"train__epochs": 0}, "train.epochs: must be >= 1"),
+    ({"train__epochs": "ten"}, "train.epochs: expected a whole number"),
+    ({"train__epochs_typo": 3}, "train.epochs_typo: unknown field"),
+    ({"resources__gpus_per_worker": 1.5}, "resources.gpus_per_worker: above 1 must be a whole number"),
+    ({"experiment__name": "../escape"}, "experiment.name: '../escape' must be"),
+    ({"search__metric": "test_auc"}, "search.metric: unknown value 'test_auc'"),
+    ({"data__source": "medmnist", "data__size": 100}, "data.size: PneumoniaMNIST comes in"),
+])
+def test_bad_config_values_are_one_line_errors(tmp_path, capsys, override, expected):
+    code, err = run_main(capsys, "--config", str(smoke_with(tmp_path, **override)), "--storage", str(tmp_path))
+    assert code == 2
+    assert expected in err
+    assert "\n" not in err and err.startswith("pneumo-ray: error: ")
+
+
+def test_all_fixed_dimensions_is_not_a_sweep(tmp_path, capsys):
+    cfg = smoke_with(tmp_path, search__model=["mlp"], search__optimizer=["adamw"], search__lr=[1e-3],
+                     search__weight_decay=[1e-4], search__batch_size=[64], search__class_weighting=["none"])
+    code, err = run_main(capsys, "--config", str(cfg), "--storage", str(tmp_path))
+    assert code == 2 and "nothing to search" in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, err = run_main(capsys, "--config", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "nope.yaml: config file not found" in err
+
+
+def test_invalid_yaml(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search: [unclosed\n")
+    code, err = run_main(capsys, "--config", str(bad))
+    assert code == 2 and "bad.yaml" in err and "not valid YAML" in err
+
+
+def test_missing_npz_file(tmp_path, capsys):
+    code, err = run_main(capsys, "--config", str(SMOKE), "--storage", str(tmp_path),
+                         "--data", f"npz:{tmp_path / 'missing.npz'}")
+    assert code == 2 and "missing.npz: npz file not found" in err
+
+
+def test_wrong_npz_layout(tmp_path, capsys):
+    import numpy as np
+
+    path = tmp_path / "wrong.npz"
+    np.savez(path, images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4))
+    code, err = run_main(capsys, "--config", str(SMOKE), "--storage", str(tmp_path), "--data", f"npz:{path}")
+    assert code == 2 and "wrong.npz: missing array 'train_images'" in err
+
+
+def test_not_an_npz_file(tmp_path, capsys):
+    path = tmp_path / "text.npz"
+    path.write_text("hello")
+    code, err = run_main(capsys, "--config", str(SMOKE), "--storage", str(tmp_path), "--data", f"npz:{path}")
+    assert code == 2 and "text.npz: not a readable npz file" in err
+
+
+def test_split_with_one_class(tmp_path, capsys):
+    path = write_npz(tmp_path / "one.npz", one_class_split="val")
+    code, err = run_main(capsys, "--config", str(SMOKE), "--storage", str(tmp_path), "--data", f"npz:{path}")
+    assert code == 2 and "the val split holds only class [1]" in err
+
+
+def test_empty_folder(tmp_path, capsys):
+    (tmp_path / "xray" / "train" / "NORMAL").mkdir(parents=True)
+    code, err = run_main(capsys, "--config", str(SMOKE), "--storage", str(tmp_path),
+                         "--data", f"folder:{tmp_path / 'xray'}")
+    assert code == 2 and "no images under train/NORMAL or train/PNEUMONIA" in err
+
+
+def test_bad_data_spec(tmp_path, capsys):
+    code, err = run_main(capsys, "--config", str(SMOKE), "--data", "csv:foo")
+    assert code == 2 and "--data csv:foo: expected synthetic" in err
+
+
+def test_resume_of_unknown_experiment(tmp_path, capsys):
+    code, err = run_main(capsys, "--config", str(SMOKE), "--storage", str(tmp_path), "--name", "never", "--resume")
+    assert code == 2 and "no experiment to resume" in err
+
+
+def test_cli_argument_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sweep", "--num-samples", "zero"])
+    assert exit_info.value.code == 2
+    assert "--num-samples" in capsys.readouterr().err
+
+
+def test_rejected_before_ray_starts(tmp_path):
+    """Through the real entry point: exit 2, one line on stderr, and no Ray session was created."""
+    result = run_cli("--config", str(smoke_with(tmp_path, search__optimizer=["lion"])), "--storage", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "search.optimizer" in result.stderr
+    assert not any(Path(os.environ["RAY_TMPDIR"]).iterdir()), "Ray started before the config was checked"
+    assert not (tmp_path / "smoke").exists()

@@ -1,0 +1,103 @@
+"""Every data source yields the same Splits; augmentation is batched and switchable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pneumo_ray.augment import augment_batch, to_float
+from pneumo_ray.config import AugmentConfig, DataConfig
+from pneumo_ray.data import load_splits
+from tests.conftest import SHARED_NPZ, write_npz
+
+
+def assert_splits_form(splits, size):
+    for name in ("train", "val", "test"):
+        x, y = splits.split(name)
+        assert x.dtype == np.uint8 and x.ndim == 3 and x.shape[1:] == (size, size)
+        assert y.dtype == np.int64 and len(y) == len(x) and set(np.unique(y)) == {0, 1}
+    assert splits.class_names == ("normal", "pneumonia")
+
+
+def test_synthetic_source_is_seeded():
+    cfg = DataConfig(source="synthetic", size=32, synthetic_train=40, synthetic_val=20, synthetic_test=20)
+    a, b = load_splits(cfg, seed=1), load_splits(cfg, seed=1)
+    assert_splits_form(a, 32)
+    assert np.array_equal(a.train_x, b.train_x)
+    assert not np.array_equal(a.train_x, load_splits(cfg, seed=2).train_x)
+
+
+def test_npz_source(tmp_path):
+    path = write_npz(tmp_path / "d.npz", n=(50, 20, 30))
+    splits = load_splits(DataConfig(source="npz", path=str(path)))
+    assert_splits_form(splits, 28)
+    assert (len(splits.train_y), len(splits.val_y), len(splits.test_y)) == (50, 20, 30)
+
+
+def test_medmnist_source_reads_official_file_offline():
+    if not SHARED_NPZ.is_file():
+        pytest.skip(f"official PneumoniaMNIST file not found at {SHARED_NPZ}")
+    splits = load_splits(DataConfig(source="medmnist", size=28, root=str(SHARED_NPZ.parent)))
+    assert_splits_form(splits, 28)
+    assert (len(splits.train_y), len(splits.val_y), len(splits.test_y)) == (4708, 524, 624)
+    assert np.bincount(splits.train_y).tolist() == [1214, 3494]
+
+
+def make_kaggle_tree(root, counts, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    for split, per_class in counts.items():
+        for cls, n in zip(("NORMAL", "PNEUMONIA"), per_class):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = Image.fromarray(rng.integers(0, 255, (size, size + 8), dtype=np.uint8))
+                img.convert("RGB").save(folder / f"{cls.lower()}_{i}.jpeg") if i % 2 else img.save(folder / f"{i}.png")
+
+
+def test_folder_source_skips_corrupt_files_and_carves_val(tmp_path, capsys):
+    root = tmp_path / "chest_xray"
+    make_kaggle_tree(root, {"train": (30, 50), "val": (2, 2), "test": (10, 10)})
+    corrupt = root / "train" / "PNEUMONIA" / "broken.jpeg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    truncated = root / "test" / "NORMAL" / "truncated.jpeg"
+    good = (root / "test" / "NORMAL" / "normal_1.jpeg").read_bytes()
+    truncated.write_bytes(good[: len(good) // 3])
+
+    cfg = DataConfig(source="folder", path=str(root), size=28, min_val_images=10, val_fraction=0.2)
+    splits = load_splits(cfg, seed=0)
+
+    assert_splits_form(splits, 28)
+    assert sorted(splits.skipped_files) == sorted([str(corrupt), str(truncated)])
+    assert "skipped 2 unreadable image(s)" in capsys.readouterr().out
+    # 80 readable train images: 16 (stratified 20%) move to val, joining the 4 original val images.
+    assert len(splits.train_y) == 64 and len(splits.val_y) == 20
+    assert np.bincount(splits.val_y).tolist() == [2 + 6, 2 + 10]
+    assert len(splits.test_y) == 20  # the truncated test image is not among them
+    again = load_splits(cfg, seed=0)
+    assert np.array_equal(splits.val_x, again.val_x), "the carved val split must be reproducible"
+
+
+def test_augmentation_is_batched_and_switchable():
+    gen = torch.Generator().manual_seed(0)
+    x = to_float(torch.randint(0, 255, (16, 28, 28), dtype=torch.uint8), 0.5, 0.25, normalize=True)
+    off = AugmentConfig(rotation_deg=0, hflip=False, crop="none")
+    assert torch.equal(augment_batch(x, off, gen), x)
+    flip_only = AugmentConfig(rotation_deg=0, hflip=True, crop="none")
+    out = augment_batch(x, flip_only, gen)
+    flipped = [torch.equal(out[i], x[i].flip(-1)) for i in range(16)]
+    unchanged = [torch.equal(out[i], x[i]) for i in range(16)]
+    assert all(f or u for f, u in zip(flipped, unchanged)) and any(flipped) and any(unchanged)
+    for crop in ("pad", "resized"):
+        full = augment_batch(x, AugmentConfig(crop=crop), gen)
+        assert full.shape == x.shape and torch.isfinite(full).all()
+        assert not torch.allclose(full, x)
+
+
+def test_normalisation_uses_train_statistics():
+    cfg = DataConfig(source="synthetic", synthetic_train=64, synthetic_val=16, synthetic_test=16)
+    splits = load_splits(cfg)
+    mean, std = splits.train_mean_std()
+    x = to_float(torch.from_numpy(splits.train_x), mean, std, normalize=True)
+    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-2

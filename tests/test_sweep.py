@@ -1,0 +1,107 @@
+"""End to end through the real entry point: a smoke sweep, refusing to overwrite, and --resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+SMOKE = str(ROOT / "sweeps" / "configs" / "smoke.yaml")
+pytestmark = pytest.mark.slow
+
+
+def study_states(exp_dir: Path) -> list[str]:
+    with sqlite3.connect(exp_dir / "optuna.db") as db:
+        return [row[0] for row in db.execute("SELECT state FROM trials ORDER BY number")]
+
+
+def terminated_trials(exp_dir: Path) -> set[str]:
+    """Trial ids Tune's newest saved experiment state records as finished."""
+    newest = max(exp_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    trials = [json.loads(t) for t, _ in json.loads(newest.read_text())["trial_data"]]
+    return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
+
+
+def run_snapshot(exp_dir: Path, trial_id: str) -> tuple:
+    """What a trial left behind: its Train checkpoints and its Tune result log."""
+    tune_dir = next(exp_dir.glob(f"tune_trial_{trial_id}_*"))
+    return sorted(p.name for p in (exp_dir / "train_runs" / trial_id).iterdir()), (tune_dir / "result.json").read_text()
+
+
+def trial_dirs(exp_dir: Path) -> list[Path]:
+    return sorted(p for p in exp_dir.glob("tune_trial_*") if p.is_dir())
+
+
+def test_smoke_sweep_writes_leaderboard_tensorboard_and_study(tmp_path):
+    result = run_cli("--config", SMOKE, "--storage", str(tmp_path), "--name", "smoke")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    exp = tmp_path / "smoke"
+
+    trials = trial_dirs(exp)
+    assert len(trials) == 3
+    for trial in trials:
+        assert list(trial.glob("events.out.tfevents.*")), f"no TensorBoard events in {trial.name}"
+    assert study_states(exp) == ["COMPLETE"] * 3
+
+    rows = json.loads((exp / "leaderboard.json").read_text())
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    assert [r["val_auc"] for r in rows] == sorted((r["val_auc"] for r in rows), reverse=True)
+    for row in rows:
+        for key in ("model", "optimizer", "lr", "weight_decay", "batch_size", "class_weighting", "freeze_depth",
+                    "test_acc", "test_auc", "test_f1", "test_sensitivity", "test_specificity", "checkpoint"):
+            assert key in row, key
+        assert 0 <= row["test_auc"] <= 1 and 0 <= row["test_acc"] <= 1
+        assert (Path(row["checkpoint"]) / "model.pt").is_file()
+    with open(exp / "leaderboard.csv") as f:
+        assert [int(r["rank"]) for r in csv.DictReader(f)] == [1, 2, 3]
+    assert "| rank | trial_id | model |" in (exp / "leaderboard.md").read_text()
+    assert "Test leaderboard" in result.stdout
+
+    # Re-running the same name is refused before Ray starts, and nothing is touched.
+    before = {p: p.stat().st_mtime_ns for p in exp.rglob("*")}
+    again = run_cli("--config", SMOKE, "--storage", str(tmp_path), "--name", "smoke")
+    assert again.returncode == 2
+    assert "already exists" in again.stderr and "--resume" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in exp.rglob("*")} == before
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    args = ["--config", SMOKE, "--storage", str(tmp_path), "--name", "resumable", "--num-samples", "4", "--epochs", "3"]
+    exp = tmp_path / "resumable"
+    driver = subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "run.py"), *args], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # interrupt once the first trial has finished
+        if (exp / "optuna.db").exists() and "COMPLETE" in study_states(exp):
+            break
+        time.sleep(1)
+    else:
+        driver.kill()
+        pytest.fail("no trial completed within 300 s")
+    driver.send_signal(signal.SIGINT)  # Ctrl+C
+    out, _ = driver.communicate(timeout=180)
+    assert driver.returncode == 130, out[-3000:]
+    assert "--resume" in out and not (exp / "leaderboard.json").exists()
+
+    finished = terminated_trials(exp)
+    assert finished, "at least one trial had finished before the interrupt"
+    snapshots = {t: run_snapshot(exp, t) for t in finished}
+
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert len(trial_dirs(exp)) == 4
+    assert study_states(exp) == ["COMPLETE"] * 4, "each trial is in the Optuna study exactly once"
+    assert len(terminated_trials(exp)) == 4
+    for trial_id, snapshot in snapshots.items():  # finished trials were not run again
+        assert run_snapshot(exp, trial_id) == snapshot, trial_id
+    rows = json.loads((exp / "leaderboard.json").read_text())
+    assert len(rows) == 3 and all(0 <= r["test_auc"] <= 1 for r in rows)

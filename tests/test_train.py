@@ -1,0 +1,131 @@
+"""The one training loop: in-process, under Ray Train with 1 worker and with 2 DDP workers, and resuming."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pneumo_ray import config
+from pneumo_ray.data import load_splits
+from pneumo_ray.train import LocalSession, epoch_indices, fit, lr_factor
+
+PARAMS = {"model": "cnn_bn", "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 64,
+          "class_weighting": "loss", "freeze_depth": 0}
+
+
+def small_cfg(epochs=3, **data):
+    return config.from_dict({"data": {"source": "synthetic", "synthetic_train": 256, "synthetic_val": 64,
+                                      "synthetic_test": 64, **data},
+                             "train": {"epochs": epochs, "warmup_epochs": 0}})
+
+
+def test_loss_falls_in_process():
+    cfg = small_cfg(epochs=4)
+    session = LocalSession(threads=1)
+    fit(cfg, PARAMS, load_splits(cfg.data), session)
+    losses = [h["train_loss"] for h in session.history]
+    assert [h["epoch"] for h in session.history] == [1, 2, 3, 4]
+    assert losses[-1] < 0.7 * losses[0], losses
+    for key in ("val_loss", "val_acc", "val_balanced_acc", "val_auc", "val_f1", "val_sensitivity", "val_specificity"):
+        assert 0 <= session.history[-1][key] <= (10 if key == "val_loss" else 1), key
+    assert session.history[-1]["val_auc"] > 0.8
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class DyingSession(LocalSession):
+    """A LocalSession whose process 'dies' right after the checkpoint of epoch ``die_after``."""
+
+    die_after: int = 0
+
+    def report(self, metrics, write_checkpoint):
+        super().report(metrics, write_checkpoint)
+        if metrics["epoch"] == self.die_after:
+            raise Interrupted
+
+
+def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
+    cfg = small_cfg(epochs=4)
+    splits = load_splits(cfg.data)
+    straight = LocalSession(threads=1)
+    reference = fit(cfg, PARAMS, splits, straight)
+
+    dying = DyingSession(threads=1, checkpoint_dir=str(tmp_path))
+    dying.die_after = 2
+    with pytest.raises(Interrupted):
+        fit(cfg, PARAMS, splits, dying)
+    resumed = LocalSession(threads=1, checkpoint_dir=str(tmp_path))
+    model = fit(cfg, PARAMS, splits, resumed)
+
+    assert [h["epoch"] for h in resumed.history] == [3, 4], "the epoch counter continues; it does not restart"
+    # Weights, optimizer, schedule and RNG state all come back, so the result is the same run.
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    assert resumed.history[-1]["val_auc"] == straight.history[-1]["val_auc"]
+
+
+def test_epoch_shards_are_disjoint_and_equal():
+    labels = np.array([0] * 30 + [1] * 71)
+    a = epoch_indices(labels, "none", seed=0, epoch=3, rank=0, world=2)
+    b = epoch_indices(labels, "none", seed=0, epoch=3, rank=1, world=2)
+    assert len(a) == len(b) == 51
+    assert len(set(a.tolist()) | set(b.tolist())) == 101  # every image is seen by some rank
+    assert len(set(a.tolist()) & set(b.tolist())) <= 1  # only the wrap-around padding may repeat
+    sampled = epoch_indices(labels, "sampler", seed=0, epoch=0, rank=0, world=1)
+    share_normal = float((labels[sampled.numpy()] == 0).mean())
+    assert 0.4 < share_normal < 0.6, "the weighted sampler should balance the classes"
+
+
+def test_lr_schedule_warms_up_then_decays_and_holds_body_during_head_warmup():
+    cfg = small_cfg(epochs=10)
+    cfg.train.warmup_epochs, cfg.model.head_warmup_epochs = 2, 1
+    factors = [lr_factor(step, 10, cfg, is_head=True) for step in range(100)]
+    assert factors[0] == pytest.approx(0.05) and factors[19] == pytest.approx(1.0)
+    assert factors[20] > factors[60] > factors[99] >= 0
+    assert [lr_factor(s, 10, cfg, is_head=False) for s in range(10)] == [0.0] * 10
+    assert lr_factor(10, 10, cfg, is_head=False) == factors[10]
+
+
+# --------------------------------------------------------------------------- under Ray Train
+
+
+def ddp_probe_worker(loop_config: dict) -> None:
+    """The project's worker entry point, plus a dump of each rank's final weights for the test."""
+    import ray.train
+
+    from pneumo_ray.train import RaySession
+
+    cfg = config.from_dict(loop_config["cfg"])
+    splits = ray.get(loop_config["splits_ref"])
+    session = RaySession(threads=1)
+    model = fit(cfg, loop_config["params"], splits, session)
+    torch.save(model.state_dict(), f"{loop_config['out']}/rank{session.rank}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_loss_falls_under_ray_train(ray_session, tmp_path, workers):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = small_cfg(epochs=3)
+    splits = load_splits(cfg.data)
+    trainer = TorchTrainer(
+        ddp_probe_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "params": PARAMS, "splits_ref": ray_session.put(splits),
+                           "out": str(tmp_path)},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(name=f"ddp{workers}", storage_path=str(tmp_path / "runs")),
+    )
+    result = trainer.fit()
+    reports = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
+    assert [m["epoch"] for m in reports] == [1, 2, 3]
+    assert reports[-1]["train_loss"] < 0.7 * reports[0]["train_loss"]
+    assert reports[-1]["val_auc"] > 0.8
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers)]
+    if workers == 2:
+        for key in states[0]:
+            assert torch.equal(states[0][key], states[1][key]), f"DDP ranks disagree on {key}"
