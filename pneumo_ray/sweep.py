@@ -8,6 +8,7 @@ Tune with ``TuneReportCallback``. Everything that can be checked is checked in
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -185,7 +186,21 @@ def run(prepared: Prepared, address: str | None = None):
     finally:
         if owns_ray:
             ray.shutdown()
-    if results.num_terminated + results.num_errors < cfg.search.num_samples:
+    statuses = trial_statuses(exp_dir)
+    finished = [s for s in statuses.values() if s in ("TERMINATED", "ERROR")]
+    if len(finished) < cfg.search.num_samples:
         return None  # interrupted (Ctrl+C): Tune saved its state; the test split stays untouched
     return write_leaderboard(exp_dir, cfg, splits)
+
+
+def trial_statuses(exp_dir: Path) -> dict[str, str]:
+    """Trial id -> status as Tune last saved it. This saved state, not the in-memory ResultGrid, tells
+    an interrupted sweep apart: on Ctrl+C Tune marks running trials TERMINATED in memory, but saves them
+    as RUNNING/PENDING so that a restore runs them again."""
+    states = list(exp_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    newest = max(states, key=lambda p: p.stat().st_mtime)
+    trials = [json.loads(trial) for trial, _ in json.loads(newest.read_text())["trial_data"]]
+    return {t["trial_id"]: t["status"] for t in trials}
 

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import distribute_bn
 from torch import nn
 
 from pneumo_ray import config as config_mod
@@ -248,6 +249,10 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
             total_loss += loss.item() * len(idx)
             seen += len(idx)
 
+        if session.world_size > 1:
+            # DDP syncs gradients, not BatchNorm running stats: average them so every rank (and the
+            # checkpoint, written by rank 0) holds the same model.
+            distribute_bn(model, session.world_size, reduce=True)
         metrics = {"epoch": epoch + 1, "train_loss": total_loss / max(1, seen), "lr": optimizer.param_groups[0]["lr"]}
         if session.rank == 0:  # val is small; one rank evaluates it whole, the others wait at the report
             val, _ = evaluate(unwrap(model), splits.val_x, splits.val_y, mean, std, normalize, device, "val_",

@@ -32,14 +32,22 @@ def private_ray_tmpdir(monkeypatch):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for all in-process Ray tests: starting Ray costs ~10 s, so it is shared."""
+    """One local Ray for the whole test session: in-process tests use it, and sweeps run through the CLI
+    join it with --address. Sharing saves ~10 s a start, and one Ray at a time matters: Train V2's
+    placement-group cleaner looks Ray up by address and gives up when it finds several on the machine."""
     import ray
 
     tmp = _short_tmpdir("prs-")
-    ray.init(num_cpus=4, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
+    # 2 cores + 2 logical CPUs for the two idle per-trial coordinators, as sweep.py does for a local Ray.
+    ray.init(num_cpus=4, _temp_dir=tmp, log_to_driver=False)
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_session) -> str:
+    return ray_session.get_runtime_context().gcs_address
 
 
 def write_npz(path: Path, n=(64, 32, 32), size=28, seed=0, one_class_split: str | None = None) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pneumo_ray.sweep import trial_statuses
 from tests.conftest import ROOT, run_cli
 
 SMOKE = str(ROOT / "sweeps" / "configs" / "smoke.yaml")
@@ -25,10 +26,7 @@ def study_states(exp_dir: Path) -> list[str]:
 
 
 def terminated_trials(exp_dir: Path) -> set[str]:
-    """Trial ids Tune's newest saved experiment state records as finished."""
-    newest = max(exp_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
-    trials = [json.loads(t) for t, _ in json.loads(newest.read_text())["trial_data"]]
-    return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
+    return {t for t, status in trial_statuses(exp_dir).items() if status == "TERMINATED"}
 
 
 def run_snapshot(exp_dir: Path, trial_id: str) -> tuple:
@@ -41,8 +39,8 @@ def trial_dirs(exp_dir: Path) -> list[Path]:
     return sorted(p for p in exp_dir.glob("tune_trial_*") if p.is_dir())
 
 
-def test_smoke_sweep_writes_leaderboard_tensorboard_and_study(tmp_path):
-    result = run_cli("--config", SMOKE, "--storage", str(tmp_path), "--name", "smoke")
+def test_smoke_sweep_writes_leaderboard_tensorboard_and_study(tmp_path, ray_address):
+    result = run_cli("--config", SMOKE, "--storage", str(tmp_path), "--name", "smoke", "--address", ray_address)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     exp = tmp_path / "smoke"
 
@@ -68,14 +66,15 @@ def test_smoke_sweep_writes_leaderboard_tensorboard_and_study(tmp_path):
 
     # Re-running the same name is refused before Ray starts, and nothing is touched.
     before = {p: p.stat().st_mtime_ns for p in exp.rglob("*")}
-    again = run_cli("--config", SMOKE, "--storage", str(tmp_path), "--name", "smoke")
+    again = run_cli("--config", SMOKE, "--storage", str(tmp_path), "--name", "smoke", "--address", ray_address)
     assert again.returncode == 2
     assert "already exists" in again.stderr and "--resume" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in exp.rglob("*")} == before
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
-    args = ["--config", SMOKE, "--storage", str(tmp_path), "--name", "resumable", "--num-samples", "4", "--epochs", "3"]
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_address):
+    args = ["--config", SMOKE, "--storage", str(tmp_path), "--name", "resumable", "--num-samples", "4", "--epochs", "3",
+            "--address", ray_address]
     exp = tmp_path / "resumable"
     driver = subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "run.py"), *args], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
