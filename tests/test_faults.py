@@ -1,0 +1,135 @@
+"""Faults on a real Ray: a worker killed mid-trial, the driver killed mid-sweep, a trial that diverges.
+Each test checks that nothing is lost: results, checkpoints and Optuna study rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pneumo_ray.sweep import trial_statuses
+from tests.conftest import ROOT, run_cli
+
+SMOKE = ROOT / "sweeps" / "configs" / "smoke.yaml"
+pytestmark = pytest.mark.slow
+
+
+def study_rows(exp_dir: Path) -> list[tuple[int, str]]:
+    with sqlite3.connect(exp_dir / "optuna.db") as db:
+        return list(db.execute("SELECT number, state FROM trials ORDER BY number"))
+
+
+def reported_epochs(exp_dir: Path) -> dict[str, list[int]]:
+    """Trial id -> the epochs it reported to Tune, in order."""
+    out = {}
+    for trial_dir in exp_dir.glob("tune_trial_*"):
+        lines = (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").exists() else []
+        out[trial_dir.name.split("_")[2]] = [json.loads(line)["epoch"] for line in lines]
+    return out
+
+
+def config_file(tmp_path: Path, **search) -> Path:
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["search"].update(search)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def start_driver(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "run.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, timeout: float, what: str, driver: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        if driver is not None and driver.poll() is not None:
+            pytest.fail(f"driver exited ({driver.returncode}) before {what}:\n{driver.stdout.read()[-3000:]}")
+        time.sleep(0.5)
+    if driver is not None:
+        driver.kill()
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, ray_session, ray_address):
+    """SIGKILL a Ray Train worker after its first checkpoint: the trial restarts its worker group and
+    continues at the next epoch (not at 1), and the sweep completes."""
+    from ray.util.state import list_actors
+
+    cfg = config_file(tmp_path, model=["cnn_bn"], num_samples=1, optimizer=["adamw", "sgd"], max_concurrent_trials=1)
+    exp = tmp_path / "killworker"
+    driver = start_driver("--config", str(cfg), "--storage", str(tmp_path), "--name", "killworker",
+                          "--epochs", "4", "--address", ray_address)
+    wait_for(lambda: any(e and e[-1] >= 2 for e in reported_epochs(exp).values()), 240, "epoch 2", driver)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert len(workers) == 1
+    killed_at = time.time()
+    os.kill(workers[0].pid, signal.SIGKILL)
+    out, _ = driver.communicate(timeout=400)
+    assert driver.returncode == 0, out[-3000:]
+
+    (epochs,) = reported_epochs(exp).values()
+    assert epochs[-1] == 4 and epochs == sorted(epochs), f"epochs must continue, got {epochs}"
+    assert epochs.count(1) == 1, f"the retried trial restarted at epoch 1: {epochs}"
+    assert [s for _, s in study_rows(exp)] == ["COMPLETE"]
+    assert json.loads((exp / "leaderboard.json").read_text())[0]["epoch"] >= 1
+    print(f"\n[fault 1] worker killed after epoch {epochs[:epochs.index(max(epochs[:2])) + 1][-1]}; "
+          f"reported epochs {epochs}; sweep finished {time.time() - killed_at:.0f} s after the kill")
+
+
+def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path, ray_address):
+    args = ["--config", str(SMOKE), "--storage", str(tmp_path), "--name", "killdriver", "--num-samples", "4",
+            "--epochs", "2", "--address", ray_address]
+    exp = tmp_path / "killdriver"
+    driver = start_driver(*args)
+    wait_for(lambda: sum(s == "TERMINATED" for s in trial_statuses(exp).values()) >= 1, 300,
+             "a finished trial", driver)
+    finished_before = {t for t, s in trial_statuses(exp).items() if s == "TERMINATED"}
+    epochs_before = {t: e for t, e in reported_epochs(exp).items() if t in finished_before}
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    killed_at = time.time()
+
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    statuses = trial_statuses(exp)
+    assert len(statuses) == 4 and set(statuses.values()) == {"TERMINATED"}
+    for trial_id, epochs in epochs_before.items():
+        assert reported_epochs(exp)[trial_id] == epochs, f"finished trial {trial_id} was run again"
+    complete = [n for n, s in study_rows(exp) if s == "COMPLETE"]
+    assert len(complete) == 4, study_rows(exp)
+    assert "RUNNING" not in {s for _, s in study_rows(exp)}, "orphaned study rows must be closed on resume"
+    rows = json.loads((exp / "leaderboard.json").read_text())
+    assert len(rows) == 3 and {r["trial_id"] for r in rows} <= set(statuses)
+    print(f"\n[fault 2] driver killed with {len(finished_before)} of 4 trials finished; after --resume "
+          f"{len(statuses)} trials, {len(complete)} complete study rows; resume took {time.time() - killed_at:.0f} s")
+
+
+def test_diverging_trial_fails_with_its_reason_and_spares_the_rest(tmp_path, ray_address):
+    cfg = config_file(tmp_path, num_samples=3, initial_points=[
+        {"model": "cnn_bn", "optimizer": "sgd", "lr": 1.0e4, "class_weighting": "none"}])
+    result = run_cli("--config", str(cfg), "--storage", str(tmp_path), "--name", "diverge", "--address", ray_address)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    exp = tmp_path / "diverge"
+    statuses = trial_statuses(exp)
+    errored = [t for t, s in statuses.items() if s == "ERROR"]
+    assert len(errored) == 1 and list(statuses.values()).count("TERMINATED") == 2
+    error_file = next(exp.glob(f"tune_trial_{errored[0]}_*")) / "error.txt"
+    assert "diverged" in error_file.read_text() and "lr=1e+04" in error_file.read_text()
+    states = [s for _, s in study_rows(exp)]
+    assert sorted(states) == ["COMPLETE", "COMPLETE", "FAIL"]
+    rows = json.loads((exp / "leaderboard.json").read_text())
+    assert len(rows) == 2 and errored[0] not in {r["trial_id"] for r in rows}
+    assert "failed" in result.stdout and "diverged" in result.stdout
