@@ -103,14 +103,16 @@ class SearchConfig:
     metric: str = "val_auc"
     asha: AshaConfig = field(default_factory=AshaConfig)
     optuna_storage: str | None = None  # SQLAlchemy URL; default: sqlite file in the experiment folder
+    initial_points: list = field(default_factory=list)  # configs to try first (e.g. a notebook's best), partial ok
 
 
 @dataclass
 class ResourcesConfig:
     workers_per_trial: int = 1
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float | str = "auto"  # auto: 1 when the cluster has GPUs, else 0; 0.25 packs 4 trials a GPU
     max_failures: int = 2  # worker-group restarts per trial, resumed from the last checkpoint
+    worker_start_timeout_s: int = 600  # a restarted trial may wait this long for room (a lost node, autoscaling)
 
 
 @dataclass
@@ -162,12 +164,15 @@ def _build(cls, raw: Any, where: str):
 def _coerce(hint, value, path: str):
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
-    optional = type(None) in typing.get_args(hint)
+    members = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     if value is None:
-        if optional:
+        if type(None) in typing.get_args(hint):
             return None
         raise ConfigError(f"{path}: must not be empty")
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if len(members) > 1:  # e.g. float | str: the member that matches the YAML value's own type
+        base = str if isinstance(value, str) else members[0]
+    else:
+        base = members[0]
     if base is list:
         return list(value) if isinstance(value, (list, tuple)) else [value]
     if base is bool:
@@ -327,15 +332,27 @@ def validate(cfg: Config) -> None:
     _check(s.asha.reduction_factor >= 2, "search.asha.reduction_factor", "must be >= 2")
     from pneumo_ray.search_space import searched_dimensions
 
-    _check(s.num_samples == 1 or bool(searched_dimensions(cfg)), "search",
+    dims = searched_dimensions(cfg)
+    _check(s.num_samples == 1 or bool(dims), "search",
            "every dimension is fixed, so there is nothing to search; give some dimension two or more values")
+    for i, point in enumerate(s.initial_points):
+        where = f"search.initial_points[{i}]"
+        _check(isinstance(point, dict), where, "expected a mapping such as {optimizer: sgd, lr: 0.01}")
+        unknown = sorted(set(point) - set(dims))
+        _check(not unknown, where, f"{unknown[0] if unknown else ''!r} is not a searched dimension; "
+               f"searched: {', '.join(dims) or 'none'}")
 
     r = cfg.resources
     _check(r.workers_per_trial >= 1, "resources.workers_per_trial", "must be >= 1")
     _check(r.cpus_per_worker > 0, "resources.cpus_per_worker", "must be > 0 (fractions allowed)")
-    _check(r.gpus_per_worker >= 0, "resources.gpus_per_worker", "must be >= 0 (fractions such as 0.25 allowed)")
-    _check(r.gpus_per_worker <= 1 or float(r.gpus_per_worker).is_integer(), "resources.gpus_per_worker",
-           "above 1 must be a whole number")
+    if isinstance(r.gpus_per_worker, str):
+        _check(r.gpus_per_worker == "auto", "resources.gpus_per_worker",
+               f"expected auto or a number such as 0.25, got {r.gpus_per_worker!r}")
+    else:
+        _check(r.gpus_per_worker >= 0, "resources.gpus_per_worker", "must be >= 0 (fractions such as 0.25 allowed)")
+        _check(r.gpus_per_worker <= 1 or float(r.gpus_per_worker).is_integer(), "resources.gpus_per_worker",
+               "above 1 must be a whole number")
     _check(r.max_failures >= 0, "resources.max_failures", "must be >= 0")
+    _check(r.worker_start_timeout_s >= 10, "resources.worker_start_timeout_s", "must be >= 10 seconds")
 
     _check(cfg.leaderboard.top_k >= 1, "leaderboard.top_k", "must be >= 1")

@@ -23,6 +23,7 @@ from pneumo_ray.leaderboard import TRAIN_RUNS
 
 CONFIG_FILE = "pneumo_config.yaml"  # the resolved config, saved so --resume reruns exactly this sweep
 OPTUNA_FILE = "optuna.db"
+TRIAL_SLOT = "pneumo_trial"  # custom resource: one per concurrently running trial coordinator
 
 
 def selection_mode(metric: str) -> str:
@@ -80,6 +81,10 @@ def check_models(cfg: Config, image_size: int) -> None:
 # --------------------------------------------------------------------------- inside Ray
 
 
+class TrialDiverged(RuntimeError):
+    """The trial's loss became NaN/inf; Tune records the trial as failed with this message."""
+
+
 def tune_trial(params: dict, cfg_dict: dict, splits_holder: dict) -> None:
     """One Tune trial = one Ray Train run. Its id names the Train run, so a restored trial
     (after a driver crash) resumes the same run from its latest checkpoint."""
@@ -96,9 +101,7 @@ def tune_trial(params: dict, cfg_dict: dict, splits_holder: dict) -> None:
     trainer = TorchTrainer(
         ray_train_worker,
         train_loop_config={"cfg": cfg_dict, "params": dict(params), "splits_ref": splits_holder["ref"]},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
-            resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=tune.get_context().get_trial_id(),
             storage_path=str(cfg.experiment_dir / TRAIN_RUNS),
@@ -109,7 +112,38 @@ def tune_trial(params: dict, cfg_dict: dict, splits_holder: dict) -> None:
             callbacks=[TuneReportCallback()],
         ),
     )
-    trainer.fit()
+    result = trainer.fit()
+    if result.metrics and result.metrics.get("diverged"):
+        raise TrialDiverged(result.metrics["diverged_reason"])
+
+
+def scaling_config(cfg: Config):
+    """Workers per trial and what each reserves. Fractional GPUs (0.25) pack several small trials onto
+    one GPU; ``use_gpu`` also makes Ray Train pick NCCL over gloo for DDP."""
+    import ray.train
+
+    r = cfg.resources
+    gpus = float(r.gpus_per_worker)  # "auto" was resolved against the cluster before the sweep started
+    return ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=gpus > 0,
+                                   resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": gpus} if gpus else {})})
+
+
+def resolve_gpus(cfg: Config, cluster_resources: dict) -> None:
+    """gpus_per_worker: auto -> 1 GPU per worker where the cluster has GPUs, else CPU training."""
+    if cfg.resources.gpus_per_worker == "auto":
+        cfg.resources.gpus_per_worker = 1.0 if cluster_resources.get("GPU", 0) > 0 else 0.0
+
+
+def trial_resources(cfg: Config, cluster_resources: dict):
+    """What each trial's Tune coordinator reserves. It only waits on its TorchTrainer, so where the
+    cluster offers the TRIAL_SLOT resource (a local Ray, and cluster.yaml's head) it takes a slot and no
+    CPU; elsewhere Tune's default of 1 CPU."""
+    from ray import tune
+
+    if cluster_resources.get(TRIAL_SLOT, 0) >= 1:
+        return tune.PlacementGroupFactory([{TRIAL_SLOT: 1}])
+    print(f"[pneumo-ray] the cluster has no '{TRIAL_SLOT}' resource: each trial's coordinator takes 1 CPU")
+    return tune.PlacementGroupFactory([{"CPU": 1}])
 
 
 def _init_ray(cfg: Config, address: str | None) -> int:
@@ -119,20 +153,42 @@ def _init_ray(cfg: Config, address: str | None) -> int:
     s, r = cfg.search, cfg.resources
     if ray.is_initialized():  # a caller (a test session, a notebook) already runs Ray: use it as it is
         return s.max_concurrent_trials
+    # Train V2 gives up on a worker group that cannot start within 60 s. A trial retried after losing a
+    # node, or waiting for the autoscaler, needs longer: every process of this job gets the longer limit.
+    runtime_env = {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(r.worker_start_timeout_s)}}
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env)
         return s.max_concurrent_trials
     cores = os.cpu_count() or 1
-    # Each trial's Tune function only waits on its TorchTrainer, but Tune reserves 1 CPU for it. Give
-    # local Ray one logical CPU per concurrent trial on top of the cores, so those idle coordinators do
-    # not take cores away from the training workers.
-    ray.init(num_cpus=cores + s.max_concurrent_trials, dashboard_host="127.0.0.1")
+    ray.init(num_cpus=cores, resources={TRIAL_SLOT: s.max_concurrent_trials}, dashboard_host="127.0.0.1",
+             runtime_env=runtime_env)
     per_trial = r.workers_per_trial * r.cpus_per_worker
     fits = max(1, math.floor(cores / per_trial + 1e-9))
     if fits < s.max_concurrent_trials:
         print(f"[pneumo-ray] {cores} cores fit {fits} trial(s) of {per_trial:g} CPUs at once; "
               f"running {fits} concurrently instead of search.max_concurrent_trials={s.max_concurrent_trials}")
     return min(fits, s.max_concurrent_trials)
+
+
+def close_orphaned_study_trials(exp_dir: Path, storage_url: str, study_name: str) -> list[int]:
+    """After a driver crash, Optuna rows of trials that Tune never saved stay RUNNING forever. Tune will
+    not run them again (it re-asks the searcher instead), so mark them FAIL. Rows the saved searcher still
+    tracks are left alone: the restored trials will complete them."""
+    import pickle
+
+    import optuna
+
+    states = sorted(exp_dir.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return []
+    with open(states[-1], "rb") as f:
+        tracked = {t.number for t in pickle.load(f).get("_ot_trials", {}).values()}
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    orphans = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+               if t.number not in tracked]
+    for number in orphans:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    return orphans
 
 
 def run(prepared: Prepared, address: str | None = None):
@@ -160,14 +216,20 @@ def run(prepared: Prepared, address: str | None = None):
     try:
         s = cfg.search
         mode = selection_mode(s.metric)
+        cluster = ray.cluster_resources()
+        resolve_gpus(cfg, cluster)
         trainable = tune.with_parameters(tune_trial, cfg_dict=cfg.to_dict(), splits_holder={"ref": ray.put(splits)})
-        trainable = tune.with_resources(trainable, {"CPU": 1})
+        trainable = tune.with_resources(trainable, trial_resources(cfg, cluster))
+        storage_url = s.optuna_storage or f"sqlite:///{exp_dir / OPTUNA_FILE}"
         if prepared.resume:
+            orphans = close_orphaned_study_trials(exp_dir, storage_url, cfg.experiment.name)
+            if orphans:
+                print(f"[pneumo-ray] closed {len(orphans)} Optuna trial(s) left RUNNING by the crash: {orphans}")
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True)
         else:
-            storage_url = s.optuna_storage or f"sqlite:///{exp_dir / OPTUNA_FILE}"
             searcher = OptunaSearch(
                 space=DefineByRun(cfg), metric=s.metric, mode=mode,
+                points_to_evaluate=[dict(p) for p in s.initial_points] or None,
                 sampler=optuna.samplers.TPESampler(seed=cfg.experiment.seed),
                 study_name=cfg.experiment.name, storage=optuna.storages.RDBStorage(storage_url))
             scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.asha.grace_period,
@@ -181,8 +243,10 @@ def run(prepared: Prepared, address: str | None = None):
             )
         results = tuner.fit()
         if results.num_errors:
-            first = next(r.error for r in results if r.error)
-            print(f"[pneumo-ray] {results.num_errors} trial(s) failed; first: {str(first).splitlines()[0]}")
+            print(f"[pneumo-ray] {results.num_errors} trial(s) failed:")
+            for r in results:
+                if r.error:
+                    print(f"  {r.path.rsplit('/', 1)[-1][:40]}: {str(r.error).strip().splitlines()[-1][:300]}")
     finally:
         if owns_ray:
             ray.shutdown()

@@ -48,6 +48,7 @@ class LocalSession:
     history: list = field(default_factory=list)
     rank: int = 0
     world_size: int = 1
+    node_id: str = "local"
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
@@ -55,9 +56,9 @@ class LocalSession:
     def latest_checkpoint(self) -> str | None:
         return self.checkpoint_dir if self.checkpoint_dir and Path(self.checkpoint_dir, STATE_FILE).exists() else None
 
-    def report(self, metrics: dict, write_checkpoint: Callable[[str], None]) -> None:
+    def report(self, metrics: dict, write_checkpoint: Callable[[str], None] | None) -> None:
         self.history.append(metrics)
-        if self.checkpoint_dir:
+        if self.checkpoint_dir and write_checkpoint:
             Path(self.checkpoint_dir).mkdir(parents=True, exist_ok=True)
             write_checkpoint(self.checkpoint_dir)
 
@@ -66,12 +67,14 @@ class RaySession:
     """Ray Train worker context: DDP via ``prepare_model``, checkpoints via ``ray.train.report``."""
 
     def __init__(self, threads: int):
+        import ray
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.threads = threads
         self._restored = None
 
@@ -89,12 +92,12 @@ class RaySession:
         self._restored = tempfile.mkdtemp(prefix="pneumo-restore-")
         return checkpoint.to_directory(self._restored)
 
-    def report(self, metrics: dict, write_checkpoint: Callable[[str], None]) -> None:
+    def report(self, metrics: dict, write_checkpoint: Callable[[str], None] | None) -> None:
         import ray.train
 
         with tempfile.TemporaryDirectory(prefix="pneumo-ckpt-") as tmp:
             checkpoint = None
-            if self.rank == 0:  # DDP ranks hold identical weights: one copy is enough
+            if self.rank == 0 and write_checkpoint:  # DDP ranks hold identical weights: one copy is enough
                 write_checkpoint(tmp)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -168,6 +171,15 @@ def epoch_indices(labels: np.ndarray, weighting: str, seed: int, epoch: int, ran
     return order[rank::world]
 
 
+def _diverged(loss: torch.Tensor, world_size: int) -> bool:
+    """True when the loss is NaN/inf on any rank. Collective under DDP, so every rank stops together
+    instead of one leaving the others waiting in the next gradient all-reduce."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)  # stays on the loss's device (NCCL needs CUDA)
+    if world_size > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bool(bad.item())
+
+
 def _write_checkpoint(directory: str, model: nn.Module, optimizer, scheduler, scaler, aug_gen, meta: dict) -> None:
     torch.save(unwrap(model).state_dict(), os.path.join(directory, MODEL_FILE))
     # RNG states too, so a resumed trial continues the very same run (same augmentations, same dropout).
@@ -212,9 +224,12 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        aug_gen.set_state(state["aug_rng"])
-        torch.set_rng_state(state["torch_rng"])
         start_epoch = state["epoch"]
+        if session.rank == 0:  # the checkpoint holds rank 0's random state; other ranks draw fresh streams
+            aug_gen.set_state(state["aug_rng"])
+            torch.set_rng_state(state["torch_rng"])
+        else:
+            aug_gen.manual_seed(seed * 7919 + session.rank + 104_729 * start_epoch)
 
     mean, std = splits.train_mean_std()
     normalize = cfg.augment.normalize
@@ -222,6 +237,7 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
         warnings.simplefilter("ignore", UserWarning)
         train_x = torch.from_numpy(splits.train_x)
     loss_weight = class_weights(train_y).to(device) if params["class_weighting"] == "loss" else None
+    where = {"node_id": session.node_id}  # which machine trained this epoch: shows placement and failover
     meta = {"model": params["model"], "params": params, "image_size": splits.image_size, "mean": mean, "std": std,
             "normalize": normalize, "class_names": list(splits.class_names), "head_dropout": cfg.model.head_dropout}
 
@@ -235,9 +251,16 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
             y = torch.from_numpy(train_y[idx.numpy()]).to(device)
             with torch.autocast(device.type, enabled=use_amp):
                 loss = F.cross_entropy(model(x), y, weight=loss_weight)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}: "
-                                         f"the trial diverged (lr={params['lr']:.3g}, optimizer={params['optimizer']})")
+            if _diverged(loss, session.world_size):
+                # Report it and stop, rather than raise: Ray Train retries a raised error from the last
+                # checkpoint, which would only diverge again. The sweep turns this report into a failed trial.
+                reason = (f"diverged: loss became {loss.item()} at epoch {epoch + 1} step {step + 1} "
+                          f"(lr={params['lr']:.3g}, optimizer={params['optimizer']}, model={params['model']})")
+                nan = {k: math.nan for k in ("train_loss", "val_loss", "val_acc", "val_balanced_acc", "val_auc",
+                                             "val_f1", "val_sensitivity", "val_specificity")}
+                session.report({"epoch": epoch + 1, **nan, "diverged": 1, "diverged_reason": reason, **where},
+                               write_checkpoint=None)
+                return unwrap(model)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.train.grad_clip > 0:
@@ -253,7 +276,8 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
             # DDP syncs gradients, not BatchNorm running stats: average them so every rank (and the
             # checkpoint, written by rank 0) holds the same model.
             distribute_bn(model, session.world_size, reduce=True)
-        metrics = {"epoch": epoch + 1, "train_loss": total_loss / max(1, seen), "lr": optimizer.param_groups[0]["lr"]}
+        metrics = {"epoch": epoch + 1, "train_loss": total_loss / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
+                   "diverged": 0, **where}
         if session.rank == 0:  # val is small; one rank evaluates it whole, the others wait at the report
             val, _ = evaluate(unwrap(model), splits.val_x, splits.val_y, mean, std, normalize, device, "val_",
                               cfg.train.eval_batch_size)

@@ -21,6 +21,12 @@ def _short_tmpdir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that start their own Ray cluster run first, before the shared session Ray exists: Train V2's
+    placement-group cleaner finds Ray by scanning the machine and fails when two clusters are up."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("own_cluster") else 1)
+
+
 @pytest.fixture(autouse=True)
 def private_ray_tmpdir(monkeypatch):
     """Every test (and every Ray it starts in a subprocess) gets its own RAY_TMPDIR."""
@@ -37,9 +43,13 @@ def ray_session():
     placement-group cleaner looks Ray up by address and gives up when it finds several on the machine."""
     import ray
 
+    from pneumo_ray.sweep import TRIAL_SLOT
+
     tmp = _short_tmpdir("prs-")
-    # 2 cores + 2 logical CPUs for the two idle per-trial coordinators, as sweep.py does for a local Ray.
-    ray.init(num_cpus=4, _temp_dir=tmp, log_to_driver=False)
+    # As sweep.py starts a local Ray: the cores for training, plus slots for two trial coordinators.
+    context = ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, _temp_dir=tmp, log_to_driver=False,
+                       runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}})
+    ray.dashboard_url_for_tests = f"http://{context.dashboard_url}"
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)

@@ -45,7 +45,9 @@ def test_cluster_file_opens_nothing_to_the_world_and_uses_token_auth(name):
 def test_aws_cluster_has_a_cpu_head_and_single_and_multi_gpu_workers():
     cfg = load("cluster.yaml")
     types = cfg["available_node_types"]
-    assert types[cfg["head_node_type"]]["resources"]["GPU"] == 0
+    head = types[cfg["head_node_type"]]["resources"]
+    assert head["GPU"] == 0 and head["CPU"] == 0, "the head coordinates; it must not train"
+    assert head["pneumo_trial"] >= 1, "trial coordinators need their slots on the head"
     gpus = sorted(t["resources"]["GPU"] for name, t in types.items() if name != cfg["head_node_type"])
     assert gpus[0] == 1 and gpus[-1] > 1
     for name, node in types.items():

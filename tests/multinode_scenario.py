@@ -1,0 +1,122 @@
+"""A real 2-node Ray cluster on loopback, inside a private network namespace, with token auth on.
+
+Run by tests/test_multinode.py as ``unshare -n python -m tests.multinode_scenario WORKDIR``: in the new
+namespace loopback is the only address, so Ray cannot wander onto the machine's other IP and nothing
+leaves the machine. It starts a head and a worker node (``ray start``, separate temp dirs), runs a sweep
+whose trials land on both, stops the worker node by PID mid-sweep, lets the sweep finish on the head,
+prints one JSON line of what happened, and stops every process it started, by PID. Never ``ray stop``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT = 6391
+
+
+def pids_with_tmpdir(tmpdir: str) -> list[int]:
+    """Processes started by one node: they carry its RAY_TMPDIR in their environment."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if f"RAY_TMPDIR={tmpdir}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def kill_node(tmpdir: str) -> int:
+    pids = [p for p in pids_with_tmpdir(tmpdir) if p != os.getpid()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+def node_of_epochs(exp: Path) -> dict[str, list[tuple[int, str]]]:
+    out = {}
+    for trial_dir in exp.glob("tune_trial_*"):
+        result = trial_dir / "result.json"
+        lines = result.read_text().splitlines() if result.exists() else []
+        rows = [json.loads(line) for line in lines]
+        out[trial_dir.name.split("_")[2]] = [(r["epoch"], r.get("node_id", "")) for r in rows]
+    return out
+
+
+def main(workdir: Path) -> dict:
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    base_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                # after the worker node dies, its trial waits for the head to free up: allow for that
+                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+    head_tmp, worker_tmp = tempfile.mkdtemp(prefix="mnh", dir="/tmp"), tempfile.mkdtemp(prefix="mnw", dir="/tmp")
+    address = f"127.0.0.1:{PORT}"
+    report: dict = {}
+    try:
+        subprocess.run(["ray", "start", "--head", f"--port={PORT}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                        '--resources={"pneumo_trial": 2}', "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+                       env={**base_env, "RAY_TMPDIR": head_tmp}, check=True, capture_output=True, timeout=120)
+        subprocess.run(["ray", "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                        '--resources={"worker_node": 1}', "--disable-usage-stats"],
+                       env={**base_env, "RAY_TMPDIR": worker_tmp}, check=True, capture_output=True, timeout=120)
+
+        import ray
+
+        os.environ.update({k: base_env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
+        ray.init(address=address, log_to_driver=False)
+        nodes = {n["NodeID"]: ("worker" if "worker_node" in n["Resources"] else "head")
+                 for n in ray.nodes() if n["Alive"]}
+        ray.shutdown()
+        report["nodes"] = sorted(nodes.values())
+
+        raw = yaml.safe_load((ROOT / "sweeps" / "configs" / "smoke.yaml").read_text())
+        raw["search"].update(num_samples=4, max_concurrent_trials=2, model=["cnn_bn"])
+        raw["train"]["epochs"] = 4
+        raw["resources"] = {"workers_per_trial": 2, "cpus_per_worker": 1}  # one trial fills one node
+        raw["search"]["asha"] = {"enabled": False}
+        config = workdir / "multinode.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        exp = workdir / "multinode"
+        driver = subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "run.py"), "--config", str(config),
+                                   "--storage", str(workdir), "--name", "multinode", "--address", address],
+                                  env={**base_env, "RAY_TMPDIR": head_tmp}, cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 400
+        while time.time() < deadline and driver.poll() is None:
+            seen = {nodes.get(n) for epochs in node_of_epochs(exp).values() for _, n in epochs}
+            if "worker" in seen:
+                break
+            time.sleep(0.5)
+        report["placed_before_stop"] = sorted(s for s in {nodes.get(n) for e in node_of_epochs(exp).values()
+                                                         for _, n in e} if s)
+        report["killed_processes"] = kill_node(worker_tmp)
+        stopped_at = time.time()
+        out, _ = driver.communicate(timeout=900)
+        report["driver_rc"] = driver.returncode
+        report["recovery_s"] = round(time.time() - stopped_at, 1)
+        report["epochs"] = {t: [(e, nodes.get(n, "?")) for e, n in rows] for t, rows in node_of_epochs(exp).items()}
+        board = exp / "leaderboard.json"
+        report["leaderboard"] = json.loads(board.read_text()) if board.exists() else None
+        report["driver_tail"] = out[-2000:]
+    finally:
+        kill_node(worker_tmp)
+        kill_node(head_tmp)
+    return report
+
+
+if __name__ == "__main__":
+    print("MULTINODE_REPORT " + json.dumps(main(Path(sys.argv[1]))))

@@ -1,0 +1,50 @@
+"""Per-trial resources from config: GPU auto-detection, fractional GPUs, coordinator slots."""
+
+from __future__ import annotations
+
+import pytest
+
+from pneumo_ray import config
+from pneumo_ray.sweep import TRIAL_SLOT, resolve_gpus, scaling_config, trial_resources
+
+
+def cfg_with(**resources):
+    return config.from_dict({"data": {"source": "synthetic"}, "resources": resources})
+
+
+@pytest.mark.parametrize("cluster, expected", [({"CPU": 8}, 0.0), ({"CPU": 8, "GPU": 4}, 1.0)])
+def test_gpus_auto_follows_the_cluster(cluster, expected):
+    cfg = cfg_with()
+    assert cfg.resources.gpus_per_worker == "auto"
+    resolve_gpus(cfg, cluster)
+    assert cfg.resources.gpus_per_worker == expected
+    scaling = scaling_config(cfg)
+    assert scaling.use_gpu == (expected > 0)
+    assert scaling.resources_per_worker.get("GPU", 0) == expected
+
+
+def test_fractional_gpus_pack_four_trials_per_gpu():
+    cfg = cfg_with(gpus_per_worker=0.25, cpus_per_worker=0.5, workers_per_trial=1)
+    resolve_gpus(cfg, {"GPU": 1})  # an explicit number is kept
+    scaling = scaling_config(cfg)
+    assert scaling.use_gpu and scaling.resources_per_worker == {"CPU": 0.5, "GPU": 0.25}
+    assert int(1 / scaling.resources_per_worker["GPU"]) == 4
+
+
+def test_multi_gpu_ddp_trial():
+    scaling = scaling_config(cfg_with(gpus_per_worker=1, workers_per_trial=4, cpus_per_worker=8))
+    assert scaling.num_workers == 4 and scaling.use_gpu
+    assert scaling.resources_per_worker == {"CPU": 8, "GPU": 1}
+
+
+def test_bad_gpu_values_are_rejected():
+    with pytest.raises(config.ConfigError, match="resources.gpus_per_worker: expected auto"):
+        cfg_with(gpus_per_worker="some")
+    with pytest.raises(config.ConfigError, match="above 1 must be a whole number"):
+        cfg_with(gpus_per_worker=1.5)
+
+
+def test_trial_coordinators_take_a_slot_not_a_cpu():
+    cfg = cfg_with()
+    assert trial_resources(cfg, {"CPU": 2, TRIAL_SLOT: 2}).bundles == [{TRIAL_SLOT: 1}]
+    assert trial_resources(cfg, {"CPU": 2}).bundles == [{"CPU": 1}]
