@@ -23,6 +23,7 @@ from pneumo_ray.leaderboard import TRAIN_RUNS
 
 CONFIG_FILE = "pneumo_config.yaml"  # the resolved config, saved so --resume reruns exactly this sweep
 OPTUNA_FILE = "optuna.db"
+DIVERGED_FILE = "DIVERGED"  # written by a trial whose loss became NaN/inf: its reason
 TRIAL_SLOT = "pneumo_trial"  # custom resource: one per concurrently running trial coordinator
 
 
@@ -98,12 +99,15 @@ def tune_trial(params: dict, cfg_dict: dict, splits_holder: dict) -> None:
     cfg = config_mod.from_dict(cfg_dict)
     r = cfg.resources
     metric = cfg.search.metric
+    trial_id = tune.get_context().get_trial_id()
+    diverged_file = cfg.experiment_dir / TRAIN_RUNS / trial_id / DIVERGED_FILE
     trainer = TorchTrainer(
         ray_train_worker,
-        train_loop_config={"cfg": cfg_dict, "params": dict(params), "splits_ref": splits_holder["ref"]},
+        train_loop_config={"cfg": cfg_dict, "params": dict(params), "splits_ref": splits_holder["ref"],
+                           "diverged_file": str(diverged_file)},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
-            name=tune.get_context().get_trial_id(),
+            name=trial_id,
             storage_path=str(cfg.experiment_dir / TRAIN_RUNS),
             # Keeps the best epoch by the selection metric; Ray also always keeps the latest, to resume from.
             checkpoint_config=ray.train.CheckpointConfig(
@@ -112,9 +116,9 @@ def tune_trial(params: dict, cfg_dict: dict, splits_holder: dict) -> None:
             callbacks=[TuneReportCallback()],
         ),
     )
-    result = trainer.fit()
-    if result.metrics and result.metrics.get("diverged"):
-        raise TrialDiverged(result.metrics["diverged_reason"])
+    trainer.fit()
+    if diverged_file.exists():
+        raise TrialDiverged(diverged_file.read_text())
 
 
 def scaling_config(cfg: Config):

@@ -46,12 +46,16 @@ class LocalSession:
     device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoint_dir: str | None = None
     history: list = field(default_factory=list)
+    diverged: str | None = None  # the reason, when the loss became NaN/inf
     rank: int = 0
     world_size: int = 1
     node_id: str = "local"
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
+
+    def mark_diverged(self, reason: str) -> None:
+        self.diverged = reason
 
     def latest_checkpoint(self) -> str | None:
         return self.checkpoint_dir if self.checkpoint_dir and Path(self.checkpoint_dir, STATE_FILE).exists() else None
@@ -66,7 +70,7 @@ class LocalSession:
 class RaySession:
     """Ray Train worker context: DDP via ``prepare_model``, checkpoints via ``ray.train.report``."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, diverged_file: str | None = None):
         import ray
         import ray.train
         import ray.train.torch
@@ -76,12 +80,20 @@ class RaySession:
         self.device = ray.train.torch.get_device()
         self.node_id = ray.get_runtime_context().get_node_id()
         self.threads = threads
+        self.diverged_file = diverged_file
         self._restored = None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model)  # DDP over gloo (CPU) or NCCL (GPU) when world > 1
+
+    def mark_diverged(self, reason: str) -> None:
+        """Leave the reason where the trial's coordinator looks after the run: Ray Train's result only
+        carries metrics of checkpointed reports, and a diverged epoch has no checkpoint."""
+        if self.rank == 0 and self.diverged_file:
+            Path(self.diverged_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.diverged_file).write_text(reason)
 
     def latest_checkpoint(self) -> str | None:
         import ray.train
@@ -109,7 +121,7 @@ def ray_train_worker(loop_config: dict) -> None:
 
     cfg = config_mod.from_dict(loop_config["cfg"])
     splits = ray.get(loop_config["splits_ref"])  # zero-copy numpy views from the object store
-    session = RaySession(threads=max(1, int(cfg.resources.cpus_per_worker)))
+    session = RaySession(threads=max(1, int(cfg.resources.cpus_per_worker)), diverged_file=loop_config["diverged_file"])
     fit(cfg, loop_config["params"], splits, session)
 
 
@@ -258,8 +270,8 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
                           f"(lr={params['lr']:.3g}, optimizer={params['optimizer']}, model={params['model']})")
                 nan = {k: math.nan for k in ("train_loss", "val_loss", "val_acc", "val_balanced_acc", "val_auc",
                                              "val_f1", "val_sensitivity", "val_specificity")}
-                session.report({"epoch": epoch + 1, **nan, "diverged": 1, "diverged_reason": reason, **where},
-                               write_checkpoint=None)
+                session.report({"epoch": epoch + 1, **nan, "diverged": 1, **where}, write_checkpoint=None)
+                session.mark_diverged(reason)
                 return unwrap(model)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -26,15 +26,18 @@ PORT = 6391
 
 
 def pids_with_tmpdir(tmpdir: str) -> list[int]:
-    """Processes started by one node: they carry its RAY_TMPDIR in their environment."""
+    """Processes of one node: its daemons carry its RAY_TMPDIR in their environment, and the Python
+    workers its raylet spawns name the raylet's socket, under that temp dir, on their command line."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if f"RAY_TMPDIR={tmpdir}".encode() in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
+            if f"RAY_TMPDIR={tmpdir}".encode() in environ or tmpdir.encode() in cmdline:
+                found.append(int(entry.name))
     return found
 
 
@@ -74,9 +77,9 @@ def main(workdir: Path) -> dict:
                         '--resources={"worker_node": 1}', "--disable-usage-stats"],
                        env={**base_env, "RAY_TMPDIR": worker_tmp}, check=True, capture_output=True, timeout=120)
 
+        os.environ.update({k: base_env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})  # before Ray loads
         import ray
 
-        os.environ.update({k: base_env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
         ray.init(address=address, log_to_driver=False)
         nodes = {n["NodeID"]: ("worker" if "worker_node" in n["Resources"] else "head")
                  for n in ray.nodes() if n["Alive"]}

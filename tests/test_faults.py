@@ -71,22 +71,28 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, ray_session, 
     cfg = config_file(tmp_path, model=["cnn_bn"], num_samples=1, optimizer=["adamw", "sgd"], max_concurrent_trials=1)
     exp = tmp_path / "killworker"
     driver = start_driver("--config", str(cfg), "--storage", str(tmp_path), "--name", "killworker",
-                          "--epochs", "4", "--address", ray_address)
-    wait_for(lambda: any(e and e[-1] >= 2 for e in reported_epochs(exp).values()), 240, "epoch 2", driver)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    assert len(workers) == 1
+                          "--epochs", "8", "--address", ray_address)
+
+    def worker_after_first_checkpoint():
+        if not any(e and e[-1] >= 1 for e in reported_epochs(exp).values()):
+            return None
+        alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        return alive[0] if alive else None
+
+    worker = wait_for(worker_after_first_checkpoint, 240, "a training worker past epoch 1", driver)
+    killed_after = max(e[-1] for e in reported_epochs(exp).values() if e)
     killed_at = time.time()
-    os.kill(workers[0].pid, signal.SIGKILL)
+    os.kill(worker.pid, signal.SIGKILL)
     out, _ = driver.communicate(timeout=400)
     assert driver.returncode == 0, out[-3000:]
 
     (epochs,) = reported_epochs(exp).values()
-    assert epochs[-1] == 4 and epochs == sorted(epochs), f"epochs must continue, got {epochs}"
+    assert epochs[-1] == 8 and epochs == sorted(epochs), f"epochs must continue, got {epochs}"
     assert epochs.count(1) == 1, f"the retried trial restarted at epoch 1: {epochs}"
     assert [s for _, s in study_rows(exp)] == ["COMPLETE"]
     assert json.loads((exp / "leaderboard.json").read_text())[0]["epoch"] >= 1
-    print(f"\n[fault 1] worker killed after epoch {epochs[:epochs.index(max(epochs[:2])) + 1][-1]}; "
-          f"reported epochs {epochs}; sweep finished {time.time() - killed_at:.0f} s after the kill")
+    print(f"\n[fault 1] worker killed after epoch {killed_after}; reported epochs {epochs}; "
+          f"sweep finished {time.time() - killed_at:.0f} s after the kill")
 
 
 def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path, ray_address):
@@ -119,7 +125,7 @@ def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path, ray_
 
 def test_diverging_trial_fails_with_its_reason_and_spares_the_rest(tmp_path, ray_address):
     cfg = config_file(tmp_path, num_samples=3, initial_points=[
-        {"model": "cnn_bn", "optimizer": "sgd", "lr": 1.0e4, "class_weighting": "none"}])
+        {"model": "mlp", "optimizer": "sgd", "lr": 1.0e6, "class_weighting": "none"}])  # blows up within steps
     result = run_cli("--config", str(cfg), "--storage", str(tmp_path), "--name", "diverge", "--address", ray_address)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     exp = tmp_path / "diverge"
@@ -127,7 +133,7 @@ def test_diverging_trial_fails_with_its_reason_and_spares_the_rest(tmp_path, ray
     errored = [t for t, s in statuses.items() if s == "ERROR"]
     assert len(errored) == 1 and list(statuses.values()).count("TERMINATED") == 2
     error_file = next(exp.glob(f"tune_trial_{errored[0]}_*")) / "error.txt"
-    assert "diverged" in error_file.read_text() and "lr=1e+04" in error_file.read_text()
+    assert "diverged" in error_file.read_text() and "lr=1e+06" in error_file.read_text()
     states = [s for _, s in study_rows(exp)]
     assert sorted(states) == ["COMPLETE", "COMPLETE", "FAIL"]
     rows = json.loads((exp / "leaderboard.json").read_text())

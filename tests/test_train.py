@@ -129,3 +129,13 @@ def test_loss_falls_under_ray_train(ray_session, tmp_path, workers):
     if workers == 2:
         for key in states[0]:
             assert torch.equal(states[0][key], states[1][key]), f"DDP ranks disagree on {key}"
+
+
+def test_divergence_stops_the_run_and_says_why():
+    cfg = small_cfg(epochs=3)
+    session = LocalSession(threads=1)
+    fit(cfg, {**PARAMS, "model": "mlp", "optimizer": "sgd", "lr": 1e6}, load_splits(cfg.data), session)
+    assert session.diverged and session.diverged.startswith("diverged: loss became")
+    assert "lr=1e+06" in session.diverged
+    assert session.history[-1]["diverged"] == 1 and len(session.history) < 3  # stopped, not run to the end
+    assert all(h["diverged"] == 0 for h in session.history[:-1])
