@@ -182,7 +182,7 @@ def close_orphaned_study_trials(exp_dir: Path, storage_url: str, study_name: str
 
     import optuna
 
-    states = sorted(exp_dir.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    states = sorted(exp_dir.glob("searcher-state-*.pkl"))  # newest session last, by the name's timestamp
     if not states:
         return []
     with open(states[-1], "rb") as f:
@@ -265,10 +265,10 @@ def trial_statuses(exp_dir: Path) -> dict[str, str]:
     """Trial id -> status as Tune last saved it. This saved state, not the in-memory ResultGrid, tells
     an interrupted sweep apart: on Ctrl+C Tune marks running trials TERMINATED in memory, but saves them
     as RUNNING/PENDING so that a restore runs them again."""
-    states = list(exp_dir.glob("experiment_state-*.json"))
-    if not states:
+    states = sorted(exp_dir.glob("experiment_state-*.json"))  # named by session start time, so sortable;
+    if not states:                                              # mtimes are not: Tune re-syncs old files too
         return {}
-    newest = max(states, key=lambda p: p.stat().st_mtime)
+    newest = states[-1]
     trials = [json.loads(trial) for trial, _ in json.loads(newest.read_text())["trial_data"]]
     return {t["trial_id"]: t["status"] for t in trials}
 
