@@ -74,6 +74,14 @@ def write_npz(path: Path, n=(64, 32, 32), size=28, seed=0, one_class_split: str 
     return path
 
 
+def start_driver(*args: str, log: Path) -> subprocess.Popen:
+    """The real entry point in the background. Its output goes to a file, not a pipe: a pipe that nobody
+    reads until the end fills up, and the driver then blocks mid-sweep on a print."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "run.py"), *args], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
 def run_cli(*args: str, timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """The real entry point in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), *args], cwd=cwd,

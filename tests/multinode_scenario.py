@@ -94,10 +94,12 @@ def main(workdir: Path) -> dict:
         config = workdir / "multinode.yaml"
         config.write_text(yaml.safe_dump(raw))
         exp = workdir / "multinode"
-        driver = subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "run.py"), "--config", str(config),
-                                   "--storage", str(workdir), "--name", "multinode", "--address", address],
-                                  env={**base_env, "RAY_TMPDIR": head_tmp}, cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = workdir / "driver.log"  # a file, not a pipe: an unread pipe fills and blocks the driver
+        with open(log, "w") as out:
+            driver = subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "run.py"), "--config", str(config),
+                                       "--storage", str(workdir), "--name", "multinode", "--address", address],
+                                      env={**base_env, "RAY_TMPDIR": head_tmp}, cwd=ROOT,
+                                      stdout=out, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 400
         while time.time() < deadline and driver.poll() is None:
             seen = {nodes.get(n) for epochs in node_of_epochs(exp).values() for _, n in epochs}
@@ -108,8 +110,8 @@ def main(workdir: Path) -> dict:
                                                          for _, n in e} if s)
         report["killed_processes"] = kill_node(worker_tmp)
         stopped_at = time.time()
-        out, _ = driver.communicate(timeout=900)
-        report["driver_rc"] = driver.returncode
+        report["driver_rc"] = driver.wait(timeout=900)
+        out = log.read_text()
         report["recovery_s"] = round(time.time() - stopped_at, 1)
         report["epochs"] = {t: [(e, nodes.get(n, "?")) for e, n in rows] for t, rows in node_of_epochs(exp).items()}
         board = exp / "leaderboard.json"

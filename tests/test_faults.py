@@ -8,7 +8,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from pneumo_ray.sweep import trial_statuses
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, start_driver
 
 SMOKE = ROOT / "sweeps" / "configs" / "smoke.yaml"
 pytestmark = pytest.mark.slow
@@ -44,22 +43,16 @@ def config_file(tmp_path: Path, **search) -> Path:
     return path
 
 
-def start_driver(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "run.py"), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(condition, timeout: float, what: str, driver: subprocess.Popen | None = None):
+def wait_for(condition, timeout: float, what: str, driver: subprocess.Popen, log: Path):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = condition()
         if value:
             return value
-        if driver is not None and driver.poll() is not None:
-            pytest.fail(f"driver exited ({driver.returncode}) before {what}:\n{driver.stdout.read()[-3000:]}")
+        if driver.poll() is not None:
+            pytest.fail(f"driver exited ({driver.returncode}) before {what}:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
-    if driver is not None:
-        driver.kill()
+    driver.kill()
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
@@ -70,8 +63,9 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, ray_session, 
 
     cfg = config_file(tmp_path, model=["cnn_bn"], num_samples=1, optimizer=["adamw", "sgd"], max_concurrent_trials=1)
     exp = tmp_path / "killworker"
+    log = tmp_path / "driver.log"
     driver = start_driver("--config", str(cfg), "--storage", str(tmp_path), "--name", "killworker",
-                          "--epochs", "8", "--address", ray_address)
+                          "--epochs", "8", "--address", ray_address, log=log)
 
     def worker_after_first_checkpoint():
         if not any(e and e[-1] >= 1 for e in reported_epochs(exp).values()):
@@ -79,12 +73,11 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, ray_session, 
         alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         return alive[0] if alive else None
 
-    worker = wait_for(worker_after_first_checkpoint, 240, "a training worker past epoch 1", driver)
+    worker = wait_for(worker_after_first_checkpoint, 240, "a training worker past epoch 1", driver, log)
     killed_after = max(e[-1] for e in reported_epochs(exp).values() if e)
     killed_at = time.time()
     os.kill(worker.pid, signal.SIGKILL)
-    out, _ = driver.communicate(timeout=400)
-    assert driver.returncode == 0, out[-3000:]
+    assert driver.wait(timeout=400) == 0, log.read_text()[-3000:]
 
     (epochs,) = reported_epochs(exp).values()
     assert epochs[-1] == 8 and epochs == sorted(epochs), f"epochs must continue, got {epochs}"
@@ -99,9 +92,10 @@ def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path, ray_
     args = ["--config", str(SMOKE), "--storage", str(tmp_path), "--name", "killdriver", "--num-samples", "4",
             "--epochs", "2", "--address", ray_address]
     exp = tmp_path / "killdriver"
-    driver = start_driver(*args)
+    log = tmp_path / "driver.log"
+    driver = start_driver(*args, log=log)
     wait_for(lambda: sum(s == "TERMINATED" for s in trial_statuses(exp).values()) >= 1, 300,
-             "a finished trial", driver)
+             "a finished trial", driver, log)
     finished_before = {t for t, s in trial_statuses(exp).items() if s == "TERMINATED"}
     epochs_before = {t: e for t, e in reported_epochs(exp).items() if t in finished_before}
     driver.send_signal(signal.SIGKILL)

@@ -6,15 +6,13 @@ import csv
 import json
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from pneumo_ray.sweep import trial_statuses
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, start_driver
 
 SMOKE = str(ROOT / "sweeps" / "configs" / "smoke.yaml")
 pytestmark = pytest.mark.slow
@@ -76,8 +74,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, r
     args = ["--config", SMOKE, "--storage", str(tmp_path), "--name", "resumable", "--num-samples", "4", "--epochs", "3",
             "--address", ray_address]
     exp = tmp_path / "resumable"
-    driver = subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "run.py"), *args], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "driver.log"
+    driver = start_driver(*args, log=log)
     deadline = time.time() + 300
     while time.time() < deadline:  # interrupt once the first trial has finished
         if (exp / "optuna.db").exists() and "COMPLETE" in study_states(exp):
@@ -87,8 +85,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, r
         driver.kill()
         pytest.fail("no trial completed within 300 s")
     driver.send_signal(signal.SIGINT)  # Ctrl+C
-    out, _ = driver.communicate(timeout=180)
-    assert driver.returncode == 130, out[-3000:]
+    assert driver.wait(timeout=180) == 130, log.read_text()[-3000:]
+    out = log.read_text()
     assert "--resume" in out and not (exp / "leaderboard.json").exists()
 
     finished = terminated_trials(exp)
