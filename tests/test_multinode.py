@@ -32,7 +32,7 @@ def test_two_node_sweep_survives_losing_the_worker_node(tmp_path):
     assert report["killed_processes"] > 0
     assert report["driver_rc"] == 0, report["driver_tail"]
     epochs = report["epochs"]
-    assert len(epochs) == 4 and all(rows and rows[-1][0] == 4 for rows in epochs.values()), epochs
+    assert len(epochs) == 4 and all(rows and rows[-1][0] == 10 for rows in epochs.values()), epochs
     moved = [t for t, rows in epochs.items() if rows[0][1] == "worker" and rows[-1][1] == "head"]
     assert moved, f"a trial that started on the worker node should finish on the head: {epochs}"
     for trial in moved:
