@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run or resume a sweep, then write the test leaderboard")
     sweep.add_argument("--config", default="sweeps/configs/default.yaml", help="sweep YAML (default: %(default)s)")
     sweep.add_argument("--data", help="synthetic | npz:PATH | folder:PATH | medmnist:SIZE[:ROOT]")
-    sweep.add_argument("--storage", help="results folder (experiment.storage)")
+    sweep.add_argument("--storage", help="results folder or cloud URI such as s3://bucket/prefix (experiment.storage)")
     sweep.add_argument("--name", help="experiment name (experiment.name)")
     sweep.add_argument("--num-samples", type=_positive_int, help="number of trials (search.num_samples)")
     sweep.add_argument("--epochs", type=_positive_int, help="epochs per trial (train.epochs)")
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted experiment of this name")
 
     board = sub.add_parser("leaderboard", help="print the leaderboard of a finished experiment")
-    board.add_argument("experiment", help="experiment folder (<storage>/<name>)")
+    board.add_argument("experiment", help="experiment folder or URI (<storage>/<name>)")
     return parser
 
 
@@ -54,24 +54,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, sweep_overrides(args))
     prepared = sweep.prepare(cfg, resume=args.resume)  # every check that can fail does so before Ray starts
     rows = sweep.run(prepared, address=args.address)
-    exp_dir = prepared.cfg.experiment_dir
+    exp = prepared.cfg.experiment
     if rows is None:
         print(f"\nSweep interrupted; its state is saved. Continue it with:\n  python sweeps/run.py --resume "
-              f"--storage {exp_dir.parent} --name {exp_dir.name}")
+              f"--storage {exp.storage} --name {exp.name}")
         return EXIT_INTERRUPTED
     print(f"\nTest leaderboard (top {len(rows)} by {prepared.cfg.search.metric}; test split used once, here):\n")
     print(to_markdown(rows) if rows else "no trial finished an epoch")
-    print(f"Outputs in {exp_dir}: leaderboard.csv/.json/.md, best/, {sweep.OPTUNA_FILE}, trial folders")
+    print(f"Outputs in {prepared.cfg.experiment_uri}: leaderboard.csv/.json/.md, best/, {sweep.OPTUNA_FILE}, trial folders")
     return 0 if rows else 1
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from pneumo_ray import storage
     from pneumo_ray.config import ConfigError
 
-    path = Path(args.experiment) / "leaderboard.md"
-    if not path.is_file():
+    where = args.experiment if storage.is_remote(args.experiment) else str(Path(args.experiment).resolve())
+    path = storage.join(where, "leaderboard.md")
+    if not storage.exists(path):
         raise ConfigError(f"{path}: no leaderboard here; pass an experiment folder whose sweep has finished")
-    print(path.read_text())
+    print(storage.read_text(path))
     return 0
 
 

@@ -132,8 +132,11 @@ class Config:
     leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)
 
     @property
-    def experiment_dir(self) -> Path:
-        return Path(self.experiment.storage).expanduser().resolve() / self.experiment.name
+    def experiment_uri(self) -> str:
+        """The experiment's folder, or its cloud URI (s3://bucket/prefix/name)."""
+        from pneumo_ray.storage import experiment_uri
+
+        return experiment_uri(self.experiment.storage, self.experiment.name)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -205,14 +208,19 @@ def load(path: str | Path, overrides: dict | None = None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass an existing YAML file with --config")
+    return loads(path.read_text(), str(path), overrides)
+
+
+def loads(text: str, source: str, overrides: dict | None = None) -> Config:
+    """``load`` for YAML text already read (``source`` names it in errors)."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+        raise ConfigError(f"{source}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+        raise ConfigError(f"{source}: expected a YAML mapping at the top level")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
@@ -266,11 +274,16 @@ def _check_log_range(values: list, path: str):
 
 def validate(cfg: Config) -> None:
     from pneumo_ray.models import check_model_name  # lazy: keeps config importable without torch
+    from pneumo_ray.storage import is_remote
 
     e = cfg.experiment
     _check(bool(EXPERIMENT_NAME.match(e.name)) and ".." not in e.name, "experiment.name",
            f"{e.name!r} must be letters, digits, '.', '_' or '-' (no path separators, no '..')")
-    _check(bool(e.storage), "experiment.storage", "must name a folder")
+    _check(bool(e.storage), "experiment.storage", "must name a folder or a cloud URI (s3://bucket/prefix)")
+    if is_remote(e.storage):
+        _check(bool(cfg.search.optuna_storage), "search.optuna_storage",
+               f"a cloud experiment.storage ({e.storage}) needs the Optuna study in a database that every run can "
+               "reach: set a URL such as postgresql://user@host/optuna")
 
     d = cfg.data
     _check_choices([d.source], DATA_SOURCES, "data.source")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pneumo_ray import storage
 from pneumo_ray.config import Config
 from pneumo_ray.data import Splits
 from pneumo_ray.evaluate import evaluate
@@ -22,6 +23,7 @@ from pneumo_ray.train import MODEL_FILE
 
 TRAIN_RUNS = "train_runs"  # Ray Train run folders (checkpoints), one per trial id
 BEST_DIR = "best"
+LEADERBOARD_OUTPUTS = ["leaderboard.json", "leaderboard.csv", "leaderboard.md", BEST_DIR]  # what a cloud experiment gets back
 HYPERPARAMS = ("optimizer", "lr", "weight_decay", "batch_size", "class_weighting", "freeze_depth")
 TEST_COLUMNS = ("test_acc", "test_auc", "test_f1", "test_sensitivity", "test_specificity")
 
@@ -71,7 +73,9 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
         row.update({h: meta["params"].get(h) for h in HYPERPARAMS})
         row.update({"epoch": meta["metrics"]["epoch"], metric: meta["metrics"][metric]})
         row.update({k: test[k] for k in TEST_COLUMNS})
-        row["checkpoint"] = str(keep)
+        # Where the copy lives for the user: the bucket for a cloud experiment, not this machine's mirror.
+        row["checkpoint"] = storage.join(cfg.experiment_uri, BEST_DIR, keep.name) if storage.is_remote(
+            cfg.experiment_uri) else str(keep)
         rows.append(row)
     save_rows(exp_dir, rows)
     return rows

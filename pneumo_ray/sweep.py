@@ -17,9 +17,10 @@ from pathlib import Path
 import yaml
 
 from pneumo_ray import config as config_mod
+from pneumo_ray import storage
 from pneumo_ray.config import Config, ConfigError
 from pneumo_ray.data import Splits, load_splits
-from pneumo_ray.leaderboard import TRAIN_RUNS
+from pneumo_ray.leaderboard import LEADERBOARD_OUTPUTS, TRAIN_RUNS
 
 CONFIG_FILE = "pneumo_config.yaml"  # the resolved config, saved so --resume reruns exactly this sweep
 OPTUNA_FILE = "optuna.db"
@@ -40,21 +41,50 @@ class Prepared:
 
 def prepare(cfg: Config, resume: bool) -> Prepared:
     """All pre-flight checks, before Ray starts: experiment folder, data, models. Raises ConfigError."""
-    exp_dir = cfg.experiment_dir
-    saved = exp_dir / CONFIG_FILE
+    exp_uri = cfg.experiment_uri
+    try:
+        storage.check_reachable(exp_uri)
+    except Exception as err:
+        raise ConfigError(f"experiment.storage: cannot open {cfg.experiment.storage} "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); check the path or URI "
+                          "and, for a bucket, its credentials") from None
+    saved = storage.join(exp_uri, CONFIG_FILE)
     if resume:
-        if not saved.is_file():
-            raise ConfigError(f"{exp_dir}: no experiment to resume here ({CONFIG_FILE} missing); "
+        if not storage.exists(saved):
+            raise ConfigError(f"{exp_uri}: no experiment to resume here ({CONFIG_FILE} missing); "
                               "check --storage/--name, or drop --resume to start it")
-        cfg = config_mod.load(saved)  # resume what was started, not whatever the YAML says today
-    elif exp_dir.exists() and any(exp_dir.iterdir()):
-        raise ConfigError(f"{exp_dir}: experiment '{cfg.experiment.name}' already exists; "
+        cfg = config_mod.loads(storage.read_text(saved), saved)  # resume what was started, not today's YAML
+    elif storage.has_files(exp_uri):
+        raise ConfigError(f"{exp_uri}: experiment '{cfg.experiment.name}' already exists; "
                           "pass --resume to continue it or --name NEW to start another (nothing was overwritten)")
+    if cfg.search.optuna_storage:
+        check_study_storage(cfg.search.optuna_storage)
     if cfg.model.weights_file:
         cfg.model.weights_file = str(Path(cfg.model.weights_file).expanduser().resolve())
     splits = load_splits(cfg.data, cfg.experiment.seed)
     check_models(cfg, splits.image_size)
     return Prepared(cfg, splits, resume)
+
+
+def check_study_storage(url: str) -> None:
+    """Connect to the Optuna database now, so a wrong URL or a missing driver is a one-line error."""
+    import optuna
+
+    try:
+        optuna.storages.RDBStorage(url)
+    except ImportError as err:  # Optuna wraps SQLAlchemy's missing-driver error
+        missing = getattr(err.__cause__, "name", None) or getattr(err, "name", None) or "its driver"
+        raise ConfigError(f"search.optuna_storage: {url.split(':', 1)[0]} needs the Python module '{missing}'; "
+                          "install it (for PostgreSQL: pip install 'pneumo-ray[postgres]')") from None
+    except Exception as err:
+        raise ConfigError(f"search.optuna_storage: cannot open {_hide_password(url)} ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200]}); check the URL and that the database runs") from None
+
+
+def _hide_password(url: str) -> str:
+    import re
+
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
 def check_models(cfg: Config, image_size: int) -> None:
@@ -100,15 +130,15 @@ def tune_trial(params: dict, cfg_dict: dict, splits_holder: dict) -> None:
     r = cfg.resources
     metric = cfg.search.metric
     trial_id = tune.get_context().get_trial_id()
-    diverged_file = cfg.experiment_dir / TRAIN_RUNS / trial_id / DIVERGED_FILE
+    diverged_file = storage.join(cfg.experiment_uri, TRAIN_RUNS, trial_id, DIVERGED_FILE)
     trainer = TorchTrainer(
         ray_train_worker,
         train_loop_config={"cfg": cfg_dict, "params": dict(params), "splits_ref": splits_holder["ref"],
-                           "diverged_file": str(diverged_file)},
+                           "diverged_file": diverged_file},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=trial_id,
-            storage_path=str(cfg.experiment_dir / TRAIN_RUNS),
+            storage_path=storage.join(cfg.experiment_uri, TRAIN_RUNS),
             # Keeps the best epoch by the selection metric; Ray also always keeps the latest, to resume from.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=selection_mode(metric)),
@@ -117,8 +147,8 @@ def tune_trial(params: dict, cfg_dict: dict, splits_holder: dict) -> None:
         ),
     )
     trainer.fit()
-    if diverged_file.exists():
-        raise TrialDiverged(diverged_file.read_text())
+    if storage.exists(diverged_file):
+        raise TrialDiverged(storage.read_text(diverged_file))
 
 
 def scaling_config(cfg: Config):
@@ -208,12 +238,11 @@ def run(prepared: Prepared, address: str | None = None):
     from pneumo_ray.search_space import DefineByRun
 
     cfg, splits = prepared.cfg, prepared.splits
-    exp_dir = cfg.experiment_dir
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    exp_uri = cfg.experiment_uri
     if not prepared.resume:
-        (exp_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        storage.write_text(storage.join(exp_uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     print(f"[pneumo-ray] data {splits.summary()}")
-    print(f"[pneumo-ray] experiment {exp_dir}  (tensorboard --logdir {exp_dir})")
+    print(f"[pneumo-ray] experiment {exp_uri}  (tensorboard --logdir {exp_uri})")
 
     owns_ray = not ray.is_initialized()
     concurrency = _init_ray(cfg, address)
@@ -224,12 +253,12 @@ def run(prepared: Prepared, address: str | None = None):
         resolve_gpus(cfg, cluster)
         trainable = tune.with_parameters(tune_trial, cfg_dict=cfg.to_dict(), splits_holder={"ref": ray.put(splits)})
         trainable = tune.with_resources(trainable, trial_resources(cfg, cluster))
-        storage_url = s.optuna_storage or f"sqlite:///{exp_dir / OPTUNA_FILE}"
+        storage_url = s.optuna_storage or f"sqlite:///{storage.join(exp_uri, OPTUNA_FILE)}"  # local only
         if prepared.resume:
-            orphans = close_orphaned_study_trials(exp_dir, storage_url, cfg.experiment.name)
+            orphans = close_orphaned_study_trials(storage.mirror(exp_uri), storage_url, cfg.experiment.name)
             if orphans:
                 print(f"[pneumo-ray] closed {len(orphans)} Optuna trial(s) left RUNNING by the crash: {orphans}")
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True)
+            tuner = tune.Tuner.restore(exp_uri, trainable=trainable, resume_unfinished=True)
         else:
             searcher = OptunaSearch(
                 space=DefineByRun(cfg), metric=s.metric, mode=mode,
@@ -243,7 +272,7 @@ def run(prepared: Prepared, address: str | None = None):
                 trainable,
                 tune_config=tune.TuneConfig(metric=s.metric, mode=mode, search_alg=searcher, scheduler=scheduler,
                                             num_samples=s.num_samples, max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(name=cfg.experiment.name, storage_path=str(exp_dir.parent)),
+                run_config=tune.RunConfig(name=cfg.experiment.name, storage_path=exp_uri.rsplit("/", 1)[0]),
             )
         results = tuner.fit()
         if results.num_errors:
@@ -254,11 +283,14 @@ def run(prepared: Prepared, address: str | None = None):
     finally:
         if owns_ray:
             ray.shutdown()
+    exp_dir = storage.mirror(exp_uri)  # the folder itself, or a local copy of a cloud experiment
     statuses = trial_statuses(exp_dir)
     finished = [s for s in statuses.values() if s in ("TERMINATED", "ERROR")]
     if len(finished) < cfg.search.num_samples:
         return None  # interrupted (Ctrl+C): Tune saved its state; the test split stays untouched
-    return write_leaderboard(exp_dir, cfg, splits)
+    rows = write_leaderboard(exp_dir, cfg, splits)
+    storage.publish(exp_dir, exp_uri, LEADERBOARD_OUTPUTS)
+    return rows
 
 
 def trial_statuses(exp_dir: Path) -> dict[str, str]:

@@ -24,6 +24,7 @@ from timm.utils import distribute_bn
 from torch import nn
 
 from pneumo_ray import config as config_mod
+from pneumo_ray import storage
 from pneumo_ray.augment import augment_batch, to_float
 from pneumo_ray.config import Config
 from pneumo_ray.data import Splits
@@ -92,8 +93,7 @@ class RaySession:
         """Leave the reason where the trial's coordinator looks after the run: Ray Train's result only
         carries metrics of checkpointed reports, and a diverged epoch has no checkpoint."""
         if self.rank == 0 and self.diverged_file:
-            Path(self.diverged_file).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.diverged_file).write_text(reason)
+            storage.write_text(self.diverged_file, reason)
 
     def latest_checkpoint(self) -> str | None:
         import ray.train

@@ -1,0 +1,104 @@
+"""Where an experiment lives: a local or shared folder, or a cloud URI (``s3://``, ``gs://``).
+
+Ray writes trial results and checkpoints to either through pyarrow's filesystems; the few files
+pneumo-ray reads and writes itself go through the same layer. Code that needs real files (the
+leaderboard loads checkpoints, reads Tune's state) works on a local *mirror* of a cloud experiment
+and publishes what it wrote back to the bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def is_remote(storage: str) -> bool:
+    return "://" in storage and not storage.startswith("file://")
+
+
+def experiment_uri(storage: str, name: str) -> str:
+    if is_remote(storage):
+        return storage.rstrip("/") + "/" + name
+    return str(Path(storage.removeprefix("file://")).expanduser().resolve() / name)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def _fs(uri: str):
+    import pyarrow.fs
+
+    if not is_remote(uri):
+        return pyarrow.fs.LocalFileSystem(), uri
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def check_reachable(uri: str) -> None:
+    """Open the filesystem and list the path once; raises with pyarrow's reason if that cannot work."""
+    import pyarrow.fs
+
+    fs, path = _fs(uri)
+    fs.get_file_info(pyarrow.fs.FileSelector(path.rsplit("/", 1)[0], allow_not_found=True))
+
+
+def exists(uri: str) -> bool:
+    import pyarrow.fs
+
+    fs, path = _fs(uri)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def has_files(uri: str) -> bool:
+    import pyarrow.fs
+
+    fs, path = _fs(uri)
+    return bool(fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
+
+
+def read_text(uri: str) -> str:
+    fs, path = _fs(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(uri: str, text: str) -> None:
+    fs, path = _fs(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def mirror(uri: str) -> Path:
+    """A local folder holding the experiment's files: the folder itself when it is local, else a
+    download of the cloud experiment into a cache folder named after the URI."""
+    import pyarrow.fs
+
+    if not is_remote(uri):
+        return Path(uri)
+    cache_root = Path(os.environ.get("PNEUMO_RAY_CACHE", Path(tempfile.gettempdir()) / "pneumo-ray-cache"))
+    local = cache_root / (uri.rstrip("/").rsplit("/", 1)[-1] + "-" + hashlib.sha1(uri.encode()).hexdigest()[:8])
+    shutil.rmtree(local, ignore_errors=True)  # a fresh copy: Ray deletes checkpoints it no longer keeps
+    local.mkdir(parents=True)
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.Directory:
+        pyarrow.fs.copy_files(path, str(local), source_filesystem=fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return local
+
+
+def publish(local_dir: Path, uri: str, names: list[str]) -> None:
+    """Upload files/folders that were written into a mirror back to the cloud experiment."""
+    import pyarrow.fs
+
+    if not is_remote(uri):
+        return
+    fs, path = _fs(uri)
+    local_fs = pyarrow.fs.LocalFileSystem()
+    for name in names:
+        source = local_dir / name
+        if source.exists():
+            pyarrow.fs.copy_files(str(source), f"{path}/{name}", source_filesystem=local_fs, destination_filesystem=fs)
