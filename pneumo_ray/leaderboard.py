@@ -15,24 +15,28 @@ from pathlib import Path
 import torch
 
 from pneumo_ray import storage
+from pneumo_ray.storage import BEST_DIR, TRAIN_RUNS
 from pneumo_ray.config import Config
 from pneumo_ray.data import Splits
 from pneumo_ray.evaluate import evaluate
 from pneumo_ray.models import build_model
 from pneumo_ray.train import MODEL_FILE
 
-TRAIN_RUNS = "train_runs"  # Ray Train run folders (checkpoints), one per trial id
-BEST_DIR = "best"
-LEADERBOARD_OUTPUTS = ["leaderboard.json", "leaderboard.csv", "leaderboard.md", BEST_DIR]  # what a cloud experiment gets back
 HYPERPARAMS = ("optimizer", "lr", "weight_decay", "batch_size", "class_weighting", "freeze_depth")
 TEST_COLUMNS = ("test_acc", "test_auc", "test_f1", "test_sensitivity", "test_specificity")
 
 
 def trial_checkpoints(exp_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
-    """trial id -> [(checkpoint dir, its meta.json)] for every checkpoint Ray kept."""
+    """trial id -> [(checkpoint dir, its meta.json)] for every checkpoint Ray kept: Ray Train's, in
+    train_runs/<trial id>/, and Tune's (inline trials), in the Tune trial folder beside its result.json."""
     found: dict[str, list] = {}
     for meta_file in sorted((exp_dir / TRAIN_RUNS).glob("*/checkpoint_*/meta.json")):
         found.setdefault(meta_file.parent.parent.name, []).append((meta_file.parent, json.loads(meta_file.read_text())))
+    trial_ids = {t["relative_logdir"]: t["trial_id"] for t in storage.saved_trials(exp_dir)}
+    for meta_file in sorted(exp_dir.glob("*/checkpoint_*/meta.json")):
+        trial_id = trial_ids.get(meta_file.parent.parent.name)
+        if trial_id:
+            found.setdefault(trial_id, []).append((meta_file.parent, json.loads(meta_file.read_text())))
     return found
 
 

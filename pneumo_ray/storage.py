@@ -9,10 +9,24 @@ and publishes what it wrote back to the bucket.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+# The experiment folder's layout (kept here, free of torch imports, for the processes that only need names).
+TRAIN_RUNS = "train_runs"  # Ray Train run folders (checkpoints), one per trial id
+BEST_DIR = "best"  # copies of the top-k checkpoints
+LEADERBOARD_OUTPUTS = ["leaderboard.json", "leaderboard.csv", "leaderboard.md", BEST_DIR]  # a cloud experiment gets these back
+
+
+def saved_trials(exp_dir: Path) -> list[dict]:
+    """Tune's newest saved experiment state: one dict per trial (trial_id, status, relative_logdir...)."""
+    states = sorted(Path(exp_dir).glob("experiment_state-*.json"))  # named by session start time, so sortable;
+    if not states:                                                  # mtimes are not: Tune re-syncs old files too
+        return []
+    return [json.loads(trial) for trial, _ in json.loads(states[-1].read_text())["trial_data"]]
 
 
 def is_remote(storage: str) -> bool:

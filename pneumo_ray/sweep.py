@@ -8,9 +8,9 @@ Tune with ``TuneReportCallback``. Everything that can be checked is checked in
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from pneumo_ray import config as config_mod
 from pneumo_ray import storage
 from pneumo_ray.config import Config, ConfigError
 from pneumo_ray.data import Splits, load_splits
-from pneumo_ray.leaderboard import LEADERBOARD_OUTPUTS, TRAIN_RUNS
+from pneumo_ray.storage import LEADERBOARD_OUTPUTS, TRAIN_RUNS
 
 CONFIG_FILE = "pneumo_config.yaml"  # the resolved config, saved so --resume reruns exactly this sweep
 OPTUNA_FILE = "optuna.db"
@@ -118,23 +118,39 @@ class TrialDiverged(RuntimeError):
 
 def tune_trial(params: dict, cfg_dict: dict, splits_holder: dict) -> None:
     """One Tune trial = one Ray Train run. Its id names the Train run, so a restored trial
-    (after a driver crash) resumes the same run from its latest checkpoint."""
-    import ray.train
+    (after a driver crash) resumes the same run from its latest checkpoint. With resources.launcher:
+    inline, the trial trains right here instead, and Tune keeps its checkpoints."""
+    import ray
     from ray import tune
+
+    started_at = time.time()  # the trial's start, for the start-up time it reports with epoch 1
+    cfg = config_mod.from_dict(cfg_dict, check=False)  # validated by the driver; checking imports timm
+    trial_id = tune.get_context().get_trial_id()
+    diverged_file = storage.join(cfg.experiment_uri, TRAIN_RUNS, trial_id, DIVERGED_FILE)
+    if storage.exists(diverged_file):  # Tune retrying an inline trial that diverged: it would again
+        raise TrialDiverged(storage.read_text(diverged_file))
+    if cfg.resources.launcher == "inline":
+        from pneumo_ray.train import inline_trial
+
+        inline_trial(cfg, dict(params), ray.get(splits_holder["ref"]), diverged_file, started_at)
+    else:
+        train_trial(cfg, params, splits_holder, trial_id, diverged_file, started_at)
+    if storage.exists(diverged_file):
+        raise TrialDiverged(storage.read_text(diverged_file))
+
+
+def train_trial(cfg: Config, params: dict, splits_holder: dict, trial_id: str, diverged_file: str,
+                started_at: float) -> None:
+    import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pneumo_ray.train import ray_train_worker
-
-    cfg = config_mod.from_dict(cfg_dict)
     r = cfg.resources
     metric = cfg.search.metric
-    trial_id = tune.get_context().get_trial_id()
-    diverged_file = storage.join(cfg.experiment_uri, TRAIN_RUNS, trial_id, DIVERGED_FILE)
     trainer = TorchTrainer(
-        ray_train_worker,
-        train_loop_config={"cfg": cfg_dict, "params": dict(params), "splits_ref": splits_holder["ref"],
-                           "diverged_file": diverged_file},
+        train_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "params": dict(params), "splits_ref": splits_holder["ref"],
+                           "diverged_file": diverged_file, "started_at": started_at},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=trial_id,
@@ -147,8 +163,14 @@ def tune_trial(params: dict, cfg_dict: dict, splits_holder: dict) -> None:
         ),
     )
     trainer.fit()
-    if storage.exists(diverged_file):
-        raise TrialDiverged(storage.read_text(diverged_file))
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train's entry point, by reference to this light module: the trial's coordinator then never
+    imports the training stack (timm and the loop cost seconds of start-up per process); workers do."""
+    from pneumo_ray.train import ray_train_worker
+
+    ray_train_worker(loop_config)
 
 
 def scaling_config(cfg: Config):
@@ -162,6 +184,19 @@ def scaling_config(cfg: Config):
                                    resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": gpus} if gpus else {})})
 
 
+def inline_run_config(cfg: Config) -> dict:
+    """Inline trials checkpoint through Tune, so Tune keeps (the best epoch, and the latest to resume
+    from) and retries them. Ray Train does both itself for TorchTrainer trials: Tune must not retry those."""
+    from ray import tune
+
+    if cfg.resources.launcher != "inline":
+        return {}
+    metric = cfg.search.metric
+    return {"checkpoint_config": tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
+                                                       checkpoint_score_order=selection_mode(metric)),
+            "failure_config": tune.FailureConfig(max_failures=cfg.resources.max_failures)}
+
+
 def resolve_gpus(cfg: Config, cluster_resources: dict) -> None:
     """gpus_per_worker: auto -> 1 GPU per worker where the cluster has GPUs, else CPU training."""
     if cfg.resources.gpus_per_worker == "auto":
@@ -171,9 +206,13 @@ def resolve_gpus(cfg: Config, cluster_resources: dict) -> None:
 def trial_resources(cfg: Config, cluster_resources: dict):
     """What each trial's Tune coordinator reserves. It only waits on its TorchTrainer, so where the
     cluster offers the TRIAL_SLOT resource (a local Ray, and cluster.yaml's head) it takes a slot and no
-    CPU; elsewhere Tune's default of 1 CPU."""
+    CPU; elsewhere Tune's default of 1 CPU. An inline trial trains itself: it reserves the worker's share."""
     from ray import tune
 
+    r = cfg.resources
+    if r.launcher == "inline":
+        gpus = float(r.gpus_per_worker)
+        return tune.PlacementGroupFactory([{"CPU": r.cpus_per_worker, **({"GPU": gpus} if gpus else {})}])
     if cluster_resources.get(TRIAL_SLOT, 0) >= 1:
         return tune.PlacementGroupFactory([{TRIAL_SLOT: 1}])
     print(f"[pneumo-ray] the cluster has no '{TRIAL_SLOT}' resource: each trial's coordinator takes 1 CPU")
@@ -244,6 +283,7 @@ def run(prepared: Prepared, address: str | None = None):
     print(f"[pneumo-ray] data {splits.summary()}")
     print(f"[pneumo-ray] experiment {exp_uri}  (tensorboard --logdir {exp_uri})")
 
+    sweep_started = time.time()
     owns_ray = not ray.is_initialized()
     concurrency = _init_ray(cfg, address)
     try:
@@ -263,7 +303,8 @@ def run(prepared: Prepared, address: str | None = None):
             searcher = OptunaSearch(
                 space=DefineByRun(cfg), metric=s.metric, mode=mode,
                 points_to_evaluate=[dict(p) for p in s.initial_points] or None,
-                sampler=optuna.samplers.TPESampler(seed=cfg.experiment.seed),
+                sampler=(optuna.samplers.TPESampler(seed=cfg.experiment.seed) if s.sampler == "tpe"
+                         else optuna.samplers.RandomSampler(seed=cfg.experiment.seed)),
                 study_name=cfg.experiment.name, storage=optuna.storages.RDBStorage(storage_url))
             scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.asha.grace_period,
                                        reduction_factor=s.asha.reduction_factor)
@@ -271,8 +312,13 @@ def run(prepared: Prepared, address: str | None = None):
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(metric=s.metric, mode=mode, search_alg=searcher, scheduler=scheduler,
-                                            num_samples=s.num_samples, max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(name=cfg.experiment.name, storage_path=exp_uri.rsplit("/", 1)[0]),
+                                            num_samples=s.num_samples, max_concurrent_trials=concurrency,
+                                            time_budget_s=s.time_budget_s,
+                                            # an inline trial's process, with torch and the model code
+                                            # imported, serves the next trial: seconds saved per trial
+                                            reuse_actors=cfg.resources.launcher == "inline"),
+                run_config=tune.RunConfig(name=cfg.experiment.name, storage_path=exp_uri.rsplit("/", 1)[0],
+                                          **inline_run_config(cfg)),
             )
         results = tuner.fit()
         if results.num_errors:
@@ -286,7 +332,8 @@ def run(prepared: Prepared, address: str | None = None):
     exp_dir = storage.mirror(exp_uri)  # the folder itself, or a local copy of a cloud experiment
     statuses = trial_statuses(exp_dir)
     finished = [s for s in statuses.values() if s in ("TERMINATED", "ERROR")]
-    if len(finished) < cfg.search.num_samples:
+    out_of_time = cfg.search.time_budget_s is not None and time.time() - sweep_started >= cfg.search.time_budget_s
+    if len(finished) < cfg.search.num_samples and not out_of_time:
         return None  # interrupted (Ctrl+C): Tune saved its state; the test split stays untouched
     rows = write_leaderboard(exp_dir, cfg, splits)
     storage.publish(exp_dir, exp_uri, LEADERBOARD_OUTPUTS)
@@ -297,10 +344,4 @@ def trial_statuses(exp_dir: Path) -> dict[str, str]:
     """Trial id -> status as Tune last saved it. This saved state, not the in-memory ResultGrid, tells
     an interrupted sweep apart: on Ctrl+C Tune marks running trials TERMINATED in memory, but saves them
     as RUNNING/PENDING so that a restore runs them again."""
-    states = sorted(exp_dir.glob("experiment_state-*.json"))  # named by session start time, so sortable;
-    if not states:                                              # mtimes are not: Tune re-syncs old files too
-        return {}
-    newest = states[-1]
-    trials = [json.loads(trial) for trial, _ in json.loads(newest.read_text())["trial_data"]]
-    return {t["trial_id"]: t["status"] for t in trials}
-
+    return {t["trial_id"]: t["status"] for t in storage.saved_trials(exp_dir)}

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.utils import distribute_bn
 from torch import nn
 
 from pneumo_ray import config as config_mod
@@ -51,6 +52,7 @@ class LocalSession:
     rank: int = 0
     world_size: int = 1
     node_id: str = "local"
+    started_at: float | None = None  # time.time() when the run began, to report start-up; None: don't
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
@@ -69,22 +71,38 @@ class LocalSession:
 
 
 class RaySession:
-    """Ray Train worker context: DDP via ``prepare_model``, checkpoints via ``ray.train.report``."""
+    """Ray Train worker context: DDP via ``prepare_model``, checkpoints via ``ray.train.report``.
+    With ``inline=True``, the Tune trial process itself (resources.launcher: inline): one worker, no
+    Ray Train, checkpoints via ``ray.tune.report``; Tune restores them on a retry or --resume."""
 
-    def __init__(self, threads: int, diverged_file: str | None = None):
+    def __init__(self, threads: int, diverged_file: str | None = None, inline: bool = False):
         import ray
-        import ray.train
-        import ray.train.torch
 
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        if inline:
+            import ray.tune
+
+            self._api = ray.tune
+            self.rank, self.world_size = 0, 1
+            # Ray sets CUDA_VISIBLE_DEVICES to the trial's (possibly fractional) GPU, if it has one
+            self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+        else:
+            import ray.train
+            import ray.train.torch
+
+            self._api = ray.train
+            ctx = ray.train.get_context()
+            self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+            self.device = ray.train.torch.get_device()
+        self.inline = inline
         self.node_id = ray.get_runtime_context().get_node_id()
         self.threads = threads
         self.diverged_file = diverged_file
         self._restored = None
+        self.started_at: float | None = None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
+        if self.inline:
+            return model.to(self.device)
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model)  # DDP over gloo (CPU) or NCCL (GPU) when world > 1
@@ -96,33 +114,37 @@ class RaySession:
             storage.write_text(self.diverged_file, reason)
 
     def latest_checkpoint(self) -> str | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()  # set when Ray retries this trial after a failure
+        checkpoint = self._api.get_checkpoint()  # set when Ray retries or resumes this trial
         if checkpoint is None:
             return None
         self._restored = tempfile.mkdtemp(prefix="pneumo-restore-")
         return checkpoint.to_directory(self._restored)
 
     def report(self, metrics: dict, write_checkpoint: Callable[[str], None] | None) -> None:
-        import ray.train
-
         with tempfile.TemporaryDirectory(prefix="pneumo-ckpt-") as tmp:
             checkpoint = None
             if self.rank == 0 and write_checkpoint:  # DDP ranks hold identical weights: one copy is enough
                 write_checkpoint(tmp)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+                checkpoint = self._api.Checkpoint.from_directory(tmp)
+            self._api.report(metrics, checkpoint=checkpoint)  # uploads the checkpoint before it returns
 
 
 def ray_train_worker(loop_config: dict) -> None:
     """Entry point of each Ray Train worker: unpacks the trial and runs ``fit``."""
     import ray
 
-    cfg = config_mod.from_dict(loop_config["cfg"])
+    cfg = config_mod.from_dict(loop_config["cfg"], check=False)  # validated by the driver
     splits = ray.get(loop_config["splits_ref"])  # zero-copy numpy views from the object store
     session = RaySession(threads=max(1, int(cfg.resources.cpus_per_worker)), diverged_file=loop_config["diverged_file"])
+    session.started_at = loop_config.get("started_at")
     fit(cfg, loop_config["params"], splits, session)
+
+
+def inline_trial(cfg: Config, params: dict, splits: Splits, diverged_file: str, started_at: float) -> None:
+    """A trial trained in the Tune trial process itself (resources.launcher: inline)."""
+    session = RaySession(threads=max(1, int(cfg.resources.cpus_per_worker)), diverged_file=diverged_file, inline=True)
+    session.started_at = started_at
+    fit(cfg, params, splits, session)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -253,11 +275,15 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
     meta = {"model": params["model"], "params": params, "image_size": splits.image_size, "mean": mean, "std": std,
             "normalize": normalize, "class_names": list(splits.class_names), "head_dropout": cfg.model.head_dropout}
 
+    started_at = None if restored else session.started_at  # trial start -> first batch, on a fresh start only
     for epoch in range(start_epoch, cfg.train.epochs):
+        epoch_started_at = time.time()
         set_train_mode(unwrap(model), body_frozen=epoch < cfg.model.head_warmup_epochs)
         order = epoch_indices(train_y, params["class_weighting"], seed, epoch, session.rank, session.world_size)
         total_loss, seen = 0.0, 0
         for step in range(steps_per_epoch):
+            if started_at is not None and epoch == start_epoch and step == 0:
+                timing = {"startup_s": time.time() - started_at}  # trial start -> first training batch
             idx = order[step * local_batch:(step + 1) * local_batch]
             x = augment_batch(to_float(train_x[idx].to(device), mean, std, normalize), cfg.augment, aug_gen)
             y = torch.from_numpy(train_y[idx.numpy()]).to(device)
@@ -284,12 +310,19 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
             total_loss += loss.item() * len(idx)
             seen += len(idx)
 
+        train_seconds = time.time() - epoch_started_at
         if session.world_size > 1:
             # DDP syncs gradients, not BatchNorm running stats: average them so every rank (and the
             # checkpoint, written by rank 0) holds the same model.
+            from timm.utils import distribute_bn  # here, not at the top: importing timm costs a trial ~2 s
+
             distribute_bn(model, session.world_size, reduce=True)
         metrics = {"epoch": epoch + 1, "train_loss": total_loss / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
-                   "diverged": 0, **where}
+                   "diverged": 0, "epoch_started_at": epoch_started_at, "train_seconds": train_seconds,
+                   "train_images_per_s": seen * session.world_size / train_seconds,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **where}  # Linux: KiB
+        if epoch == start_epoch and started_at is not None:
+            metrics.update(timing)
         if session.rank == 0:  # val is small; one rank evaluates it whole, the others wait at the report
             val, _ = evaluate(unwrap(model), splits.val_x, splits.val_y, mean, std, normalize, device, "val_",
                               cfg.train.eval_batch_size)

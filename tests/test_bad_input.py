@@ -47,6 +47,11 @@ def run_main(capsys, *args) -> tuple[int, str]:
     ({"experiment__name": "../escape"}, "experiment.name: '../escape' must be"),
     ({"search__metric": "test_auc"}, "search.metric: unknown value 'test_auc'"),
     ({"data__source": "medmnist", "data__size": 100}, "data.size: PneumoniaMNIST comes in"),
+    ({"search__sampler": "grid"}, "search.sampler: unknown value 'grid'; choose from tpe, random"),
+    ({"search__time_budget_s": 0}, "search.time_budget_s: must be a number of seconds > 0"),
+    ({"resources__launcher": "ray"}, "resources.launcher: unknown value 'ray'; choose from train, inline"),
+    ({"resources__launcher": "inline", "resources__workers_per_trial": 2},
+     "resources.launcher: inline trains one worker per trial"),
 ])
 def test_bad_config_values_are_one_line_errors(tmp_path, capsys, override, expected):
     code, err = run_main(capsys, "--config", str(smoke_with(tmp_path, **override)), "--storage", str(tmp_path))

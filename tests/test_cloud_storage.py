@@ -67,7 +67,7 @@ def test_sweep_in_s3_bucket_with_postgres_study_then_resume(tmp_path, monkeypatc
         for name in ("pneumo_config.yaml", "leaderboard.json", "leaderboard.csv", "leaderboard.md"):
             assert name in files, sorted(files)
         rows = json.loads(pyarrow.fs.FileSystem.from_uri(f"{exp}/leaderboard.json")[0]
-                          .open_input_stream(f"pneumo-results/sweeps/cloud/leaderboard.json").read())
+                          .open_input_stream("pneumo-results/sweeps/cloud/leaderboard.json").read())
         assert len(rows) == 3
         for row in rows:
             assert row["checkpoint"].startswith(f"{exp}/best/rank")  # the bucket copy, not the local mirror
