@@ -1,0 +1,53 @@
+"""Run every benchmark, one process each, and print where the figures went.
+
+    python benchmarks/run_all.py            # full: whole train split, 24-point grid (about 40 min on 2 cores)
+    python benchmarks/run_all.py --quick    # under 10 min: a 1024-image train subset, fewer trials
+    python benchmarks/run_all.py --smoke    # the least work per benchmark, for the tests: checks they run
+
+Results: benchmarks/results/<name>.json (and search_efficiency.png), or $PNEUMO_BENCH_RESULTS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+PLANS = {
+    "full": [["epoch_cost.py", "--epochs", "3"],
+             ["startup.py", "--trials", "10", "--ddp-trials", "5"],
+             ["search_efficiency.py", "--epochs", "3"]],
+    "quick": [["epoch_cost.py", "--epochs", "2", "--max-train", "1024"],
+              ["startup.py", "--trials", "5", "--ddp-trials", "3", "--max-train", "1024"],
+              ["search_efficiency.py", "--epochs", "2", "--max-train", "1024"]],
+    "smoke": [["epoch_cost.py", "--epochs", "1", "--max-train", "256", "--model", "cnn_bn"],
+              ["startup.py", "--trials", "2", "--ddp-trials", "2", "--max-train", "256"],
+              ["search_efficiency.py", "--quick", "--grid-points", "2", "--epochs", "1", "--max-train", "256"]],
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true")
+    mode.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    plan = PLANS["quick" if args.quick else "smoke" if args.smoke else "full"]
+    started = time.time()
+    for command in plan:
+        print(f"\n=== {' '.join(command)}", flush=True)
+        begun = time.time()
+        code = subprocess.call([sys.executable, str(HERE / command[0]), *command[1:]], cwd=HERE)
+        print(f"=== {command[0]} exit {code} after {time.time() - begun:.0f} s", flush=True)
+        if code:
+            return code
+    print(f"\nall benchmarks done in {time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Trial start-up: seconds from a Tune trial's start to its first training batch, and the fixed
+overhead per trial, over a sweep of 1-epoch trials: single-worker and 2-worker DDP TorchTrainer
+trials (resources.launcher: train), and single-worker trials trained in the Tune trial process
+(resources.launcher: inline).
+
+    python benchmarks/startup.py [--trials 10] [--ddp-trials 5] [--max-train N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from common import data_config, median, write_result
+from sweeps_common import run_sweep, utilisation
+
+
+def sweep_config(trials: int, workers: int, data_cfg, launcher: str):
+    from pneumo_ray.config import Config
+
+    cfg = Config()
+    cfg.experiment.name = f"startup_{launcher}_{workers}w"
+    cfg.resources.launcher = launcher
+    cfg.data = data_cfg
+    cfg.train.epochs, cfg.train.warmup_epochs = 1, 0
+    cfg.search.model = ["cnn_bn"]
+    cfg.search.num_samples = trials
+    cfg.search.asha.enabled = False
+    cfg.resources.workers_per_trial = workers
+    cfg.resources.cpus_per_worker = 1.0
+    cfg.resources.gpus_per_worker = 0.0
+    # as many side by side as the cores hold (sweep.py's own rule): a queued trial would count its wait
+    cfg.search.max_concurrent_trials = max(1, (os.cpu_count() or 1) // workers)
+    return cfg
+
+
+def measure(trials: int, workers: int, data_cfg, splits, launcher: str = "train") -> dict:
+    run = run_sweep(sweep_config(trials, workers, data_cfg, launcher), splits)
+    rows = sorted((r[0] for r in run["trials"].values()), key=lambda r: r["timestamp"])
+    # Tune's start of the trial -> the trial's first training batch (epoch 1 starts with it).
+    startups = [r["epoch_started_at"] - run["tune_start"][r["trial_id"]] for r in rows]
+    in_process = [r["startup_s"] for r in rows]  # the same, from the trial function's own start
+    # Everything in a trial that is not training steps: start-up (as Tune sees it), validation, checkpoint.
+    overheads = [s + r["time_total_s"] - r["startup_s"] - r["train_seconds"] for s, r in zip(startups, rows)]
+    result = {"trials": len(rows), "workers_per_trial": workers, "launcher": launcher, "wall_s": run["wall_s"],
+              "startup_s_all": [round(s, 2) for s in startups],
+              "startup_s_median_after_first": median(startups[1:]) if len(startups) > 1 else None,
+              "startup_s_first": startups[0] if startups else None,
+              "startup_in_trial_fn_s_median": median(in_process),
+              # the whole sweep (Ray start and the leaderboard included) per trial, trials running side by side
+              "sweep_wall_s_per_trial": run["wall_s"] / len(rows),
+              "fixed_overhead_s_median": median(overheads), "train_seconds_median": median(r["train_seconds"] for r in rows),
+              **utilisation(run)}
+    print(f"[{launcher}, {workers} worker(s)/trial] {len(rows)} trials in {run['wall_s']:.1f} s; start-up median after the first "
+          f"{result['startup_s_median_after_first']:.2f} s (first {result['startup_s_first']:.2f} s); fixed overhead "
+          f"per trial {result['fixed_overhead_s_median']:.2f} s vs {result['train_seconds_median']:.2f} s of training")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--ddp-trials", type=int, default=5)
+    parser.add_argument("--max-train", type=int, default=None)
+    parser.add_argument("--name", default="startup")
+    args = parser.parse_args()
+    data_cfg, splits, kind = data_config(args.max_train)
+    single = measure(args.trials, 1, data_cfg, splits)
+    ddp = measure(args.ddp_trials, 2, data_cfg, splits)
+    inline = measure(args.trials, 1, data_cfg, splits, launcher="inline")
+    write_result(args.name, {"data": kind, "single_worker": single, "ddp_2_workers": ddp, "inline_single_worker": inline,
+                             "targets": {"single_startup<=3s": single["startup_s_median_after_first"] <= 3,
+                                         "inline_single_startup<=3s": inline["startup_s_median_after_first"] <= 3,
+                                         "ddp_startup<=10s": ddp["startup_s_median_after_first"] <= 10}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Run a real pneumo-ray sweep in this process and read back what its trials reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import median
+
+
+class CpuSampler:
+    """Machine-wide CPU busy % (all cores), sampled every second while a sweep runs."""
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import psutil
+
+        psutil.cpu_percent(None)
+        while not self._stop.wait(1.0):
+            self.samples.append(psutil.cpu_percent(None))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def start_ray() -> None:
+    """One local Ray for all the sweeps of a benchmark, started as sweep.py starts it (all cores, two
+    trial slots), so that each sweep's wall time is its trials' and not Ray's start-up."""
+    import ray
+
+    from pneumo_ray.sweep import TRIAL_SLOT
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), resources={TRIAL_SLOT: 2}, include_dashboard=False, log_to_driver=False)
+
+
+def run_sweep(cfg, splits, storage: str | None = None) -> dict:
+    """sweep.run on these splits; returns wall time, CPU samples and every trial's reported rows."""
+    from pneumo_ray import sweep
+
+    start_ray()
+
+    storage = storage or tempfile.mkdtemp(prefix="pneumo-bench-")
+    cfg.experiment.storage = storage
+    prepared = sweep.Prepared(cfg, splits, resume=False)
+    sweep.check_models(cfg, splits.image_size)
+    started = time.time()
+    with CpuSampler() as cpu:
+        sweep.run(prepared)
+    wall = time.time() - started
+    exp = Path(cfg.experiment_uri)
+    trials = {}
+    for result in exp.glob("tune_trial_*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if rows:
+            trials[rows[0]["trial_id"]] = rows
+    return {"started": started, "wall_s": wall, "cpu_busy_samples": cpu.samples, "trials": trials,
+            "tune_start": tune_start_times(exp),
+            "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "exp_dir": str(exp)}
+
+
+def tune_start_times(exp: Path) -> dict[str, float]:
+    """Trial id -> when Tune started the trial (time.time()), from its saved experiment state."""
+    state = json.loads(sorted(exp.glob("experiment_state-*.json"))[-1].read_text())
+    return {json.loads(trial)["trial_id"]: json.loads(meta)["start_time"] for trial, meta in state["trial_data"]}
+
+
+def best_so_far(run: dict, metric: str = "val_auc") -> list[tuple[float, float]]:
+    """[(seconds since sweep start, best metric so far)] over every epoch any trial reported."""
+    points = sorted((row["timestamp"] - run["started"], row[metric]) for rows in run["trials"].values()
+                    for row in rows if row.get(metric) == row.get(metric) and metric in row)
+    curve, best = [], float("-inf")
+    for t, value in points:
+        if value > best:
+            best = value
+            curve.append((max(0.0, t), value))
+    return curve
+
+
+def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, v in curve if v >= target - 1e-12), None)
+
+
+def utilisation(run: dict) -> dict:
+    busy = run["cpu_busy_samples"]
+    peaks = [max(r.get("peak_rss_mb", 0) for r in rows) for rows in run["trials"].values()]
+    return {"cpu_busy_pct_median": median(busy) if busy else None,
+            "cpu_busy_pct_mean": sum(busy) / len(busy) if busy else None,
+            "trial_peak_rss_mb_median": median(peaks) if peaks else None,
+            "trial_peak_rss_mb_max": max(peaks) if peaks else None,
+            "driver_peak_rss_mb": run["driver_peak_rss_mb"]}

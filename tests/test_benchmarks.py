@@ -1,0 +1,86 @@
+"""The benchmarks run end to end (`run_all.py --smoke`) and write results of the documented shape.
+This checks the schema and that the numbers are sane measurements, never how fast anything is."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]  # each benchmark starts its own local Ray
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _check_targets(result: dict, names: set[str]) -> None:
+    assert set(result["targets"]) == names
+    assert all(isinstance(v, bool) for v in result["targets"].values())
+
+
+def test_run_all_smoke_writes_every_result(tmp_path):
+    results = tmp_path / "results"
+    env = {**os.environ, "PNEUMO_BENCH_RESULTS": str(results)}
+    committed = {p.name: p.stat().st_mtime for p in (ROOT / "benchmarks" / "results").glob("*")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--smoke"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all benchmarks done" in proc.stdout
+    # the committed figures are left alone
+    assert {p.name: p.stat().st_mtime for p in (ROOT / "benchmarks" / "results").glob("*")} == committed
+
+    for name in ("epoch_cost", "startup", "search_efficiency"):
+        result = json.loads((results / f"{name}.json").read_text())
+        assert result["benchmark"] == name
+        assert isinstance(result["data"], str) and "28px" in result["data"]  # says which data it measured
+        assert result["machine"]["cpus"] >= 1 and result["machine"]["torch"]
+
+    epoch = json.loads((results / "epoch_cost.json").read_text())
+    assert _positive(epoch["matmul_gflops"])
+    assert set(epoch["variants"]) == {"plain", "ray1", "ray2", "seed"}
+    for variant in epoch["variants"].values():
+        assert _positive(variant["epoch_s"]) and _positive(variant["images_per_s"])
+        assert variant["train_images"] == 256
+    for ratio in epoch["ratios"].values():
+        assert _positive(ratio)
+    assert _positive(epoch["data_pipeline"]["ratio"])
+    _check_targets(epoch, {"ray1_over_plain_epoch_time<=1.05", "pipeline_ratio>=3", "resnet18_images_per_s>=375"})
+
+    startup = json.loads((results / "startup.json").read_text())
+    for key, workers, launcher in (("single_worker", 1, "train"), ("ddp_2_workers", 2, "train"),
+                                   ("inline_single_worker", 1, "inline")):
+        run = startup[key]
+        assert run["workers_per_trial"] == workers and run["launcher"] == launcher and run["trials"] == 2
+        assert len(run["startup_s_all"]) == 2 and all(_positive(s) for s in run["startup_s_all"])
+        assert run["startup_s_first"] == pytest.approx(run["startup_s_all"][0], abs=0.01)
+        assert run["startup_s_median_after_first"] == pytest.approx(run["startup_s_all"][1], abs=0.01)
+        assert run["fixed_overhead_s_median"] > 0 and run["startup_in_trial_fn_s_median"] >= 0
+        assert run["sweep_wall_s_per_trial"] > run["train_seconds_median"]
+        assert 0 <= run["cpu_busy_pct_median"] <= 100
+        assert _positive(run["trial_peak_rss_mb_max"])
+    _check_targets(startup, {"single_startup<=3s", "inline_single_startup<=3s", "ddp_startup<=10s"})
+
+    search = json.loads((results / "search_efficiency.json").read_text())
+    assert set(search["runs"]) == {"grid", "random", "tpe_asha"}
+    assert search["runs"]["grid"]["trials"] == 2  # --grid-points 2: each point once, nothing else
+    assert search["runs"]["grid"]["best_val_auc"] == search["grid_best_val_auc"]
+    for name, run in search["runs"].items():
+        assert run["trials"] >= 1, name
+        times = [t for t, _ in run["curve"]]
+        values = [v for _, v in run["curve"]]
+        assert times == sorted(times) and values == sorted(values)  # best-so-far only ever improves
+        assert 0 <= values[-1] <= 1 and values[-1] == run["best_val_auc"]
+        if run["time_to_grid_best_s"] is not None:
+            assert run["best_val_auc"] >= search["grid_best_val_auc"] - 1e-12
+    # random search and TPE get the grid's wall time, not more (plus the last trial's and Ray's wind-down)
+    assert search["runs"]["tpe_asha"]["wall_s"] < search["budget_s"] * 1.5 + 60
+    _check_targets(search, {"tpe_asha_reaches_grid_best_in<=25%", "cpu_busy>=90%"})
+    png = (results / "search_efficiency.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
