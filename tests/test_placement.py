@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pneumo_ray import config
-from pneumo_ray.sweep import TRIAL_SLOT, resolve_gpus, scaling_config, trial_resources
+from pneumo_ray.sweep import TRIAL_SLOT, resolve_gpus, reuse_trial_processes, scaling_config, trial_resources
 
 
 def cfg_with(**resources):
@@ -48,3 +48,12 @@ def test_trial_coordinators_take_a_slot_not_a_cpu():
     cfg = cfg_with()
     assert trial_resources(cfg, {"CPU": 2, TRIAL_SLOT: 2}).bundles == [{TRIAL_SLOT: 1}]
     assert trial_resources(cfg, {"CPU": 2}).bundles == [{"CPU": 1}]
+
+
+@pytest.mark.parametrize("gpus, bundle, reuse", [(0, {"CPU": 1.0}, True), (0.25, {"CPU": 1.0, "GPU": 0.25}, False)])
+def test_inline_trials_reserve_the_workers_share_and_reuse_processes_only_on_cpu(gpus, bundle, reuse):
+    cfg = cfg_with(launcher="inline", gpus_per_worker=gpus)
+    # an inline trial trains itself, so it takes the worker's CPU (and GPU share), not a coordinator slot
+    assert trial_resources(cfg, {"CPU": 2, "GPU": 1, TRIAL_SLOT: 2}).bundles == [bundle]
+    assert reuse_trial_processes(cfg) is reuse  # a reused process would keep its cached GPU memory
+    assert reuse_trial_processes(cfg_with(gpus_per_worker=0)) is False  # TorchTrainer trials: never
