@@ -78,7 +78,8 @@ def main() -> None:
                          "curve": curves[name], **utilisation(run)}
         reached = f"{reach:.0f} s ({reach / budget:.0%} of the grid's time)" if reach else "never"
         print(f"[{name}] {len(run['trials'])} trials, best val AUC {curves[name][-1][1]:.4f}, reached the grid's "
-              f"best {grid_best:.4f} after {reached}; CPU busy median {summary[name]['cpu_busy_pct_median']:.0f}%")
+              f"best {grid_best:.4f} after {reached}; CPU busy median {summary[name]['cpu_busy_pct_median']:.0f}%, "
+              f"training {summary[name]['training_share_of_cores_pct']:.0f}% of the cores' time")
     plot(curves, grid_best, budget, RESULTS / f"{args.name}.png")
     tpe_fraction = summary["tpe_asha"]["fraction_of_grid_time"]
     write_result(args.name, {"data": kind, "epochs_per_trial": args.epochs, "launcher": args.launcher, "budget_s": budget,

@@ -53,7 +53,8 @@ def measure(trials: int, workers: int, data_cfg, splits, launcher: str = "train"
               **utilisation(run)}
     print(f"[{launcher}, {workers} worker(s)/trial] {len(rows)} trials in {run['wall_s']:.1f} s; start-up median after the first "
           f"{result['startup_s_median_after_first']:.2f} s (first {result['startup_s_first']:.2f} s); fixed overhead "
-          f"per trial {result['fixed_overhead_s_median']:.2f} s vs {result['train_seconds_median']:.2f} s of training")
+          f"per trial {result['fixed_overhead_s_median']:.2f} s vs {result['train_seconds_median']:.2f} s of training; "
+          f"CPU busy {result['cpu_busy_pct_median']:.0f}%, training {result['training_share_of_cores_pct']:.0f}% of it")
     return result
 
 

@@ -68,7 +68,9 @@ def run_sweep(cfg, splits, storage: str | None = None) -> dict:
         rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         if rows:
             trials[rows[0]["trial_id"]] = rows
+    r = cfg.resources
     return {"started": started, "wall_s": wall, "cpu_busy_samples": cpu.samples, "trials": trials,
+            "cores_per_trial": r.workers_per_trial * r.cpus_per_worker,
             "tune_start": tune_start_times(exp),
             "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "exp_dir": str(exp)}
 
@@ -98,7 +100,11 @@ def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | No
 def utilisation(run: dict) -> dict:
     busy = run["cpu_busy_samples"]
     peaks = [max(r.get("peak_rss_mb", 0) for r in rows) for rows in run["trials"].values()]
+    # Busy is not useful: of the cores' time during the sweep, the share spent in training steps.
+    training_core_s = sum(row["train_seconds"] for rows in run["trials"].values() for row in rows
+                          if "train_seconds" in row) * run["cores_per_trial"]
     return {"cpu_busy_pct_median": median(busy) if busy else None,
+            "training_share_of_cores_pct": 100 * training_core_s / (run["wall_s"] * (os.cpu_count() or 1)),
             "cpu_busy_pct_mean": sum(busy) / len(busy) if busy else None,
             "trial_peak_rss_mb_median": median(peaks) if peaks else None,
             "trial_peak_rss_mb_max": max(peaks) if peaks else None,
