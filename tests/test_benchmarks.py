@@ -64,6 +64,7 @@ def test_run_all_smoke_writes_every_result(tmp_path):
         assert run["fixed_overhead_s_median"] > 0 and run["startup_in_trial_fn_s_median"] >= 0
         assert run["sweep_wall_s_per_trial"] > run["train_seconds_median"]
         assert 0 <= run["cpu_busy_pct_median"] <= 100
+        assert 0 < run["training_share_of_cores_pct"] <= 100
         assert _positive(run["trial_peak_rss_mb_max"])
     _check_targets(startup, {"single_startup<=3s", "inline_single_startup<=3s", "ddp_startup<=10s"})
 
