@@ -75,7 +75,8 @@ class RaySession:
     With ``inline=True``, the Tune trial process itself (resources.launcher: inline): one worker, no
     Ray Train, checkpoints via ``ray.tune.report``; Tune restores them on a retry or --resume."""
 
-    def __init__(self, threads: int, diverged_file: str | None = None, inline: bool = False):
+    def __init__(self, threads: int, diverged_file: str | None = None, inline: bool = False,
+                 started_at: float | None = None):
         import ray
 
         if inline:
@@ -98,7 +99,7 @@ class RaySession:
         self.threads = threads
         self.diverged_file = diverged_file
         self._restored = None
-        self.started_at: float | None = None
+        self.started_at = started_at  # time.time() at the trial's start, to report start-up
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         if self.inline:
@@ -135,15 +136,15 @@ def ray_train_worker(loop_config: dict) -> None:
 
     cfg = config_mod.from_dict(loop_config["cfg"], check=False)  # validated by the driver
     splits = ray.get(loop_config["splits_ref"])  # zero-copy numpy views from the object store
-    session = RaySession(threads=max(1, int(cfg.resources.cpus_per_worker)), diverged_file=loop_config["diverged_file"])
-    session.started_at = loop_config.get("started_at")
+    session = RaySession(threads=max(1, int(cfg.resources.cpus_per_worker)), diverged_file=loop_config["diverged_file"],
+                         started_at=loop_config.get("started_at"))
     fit(cfg, loop_config["params"], splits, session)
 
 
 def inline_trial(cfg: Config, params: dict, splits: Splits, diverged_file: str, started_at: float) -> None:
     """A trial trained in the Tune trial process itself (resources.launcher: inline)."""
-    session = RaySession(threads=max(1, int(cfg.resources.cpus_per_worker)), diverged_file=diverged_file, inline=True)
-    session.started_at = started_at
+    session = RaySession(threads=max(1, int(cfg.resources.cpus_per_worker)), diverged_file=diverged_file, inline=True,
+                         started_at=started_at)
     fit(cfg, params, splits, session)
 
 
@@ -282,8 +283,6 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
         order = epoch_indices(train_y, params["class_weighting"], seed, epoch, session.rank, session.world_size)
         total_loss, seen = 0.0, 0
         for step in range(steps_per_epoch):
-            if started_at is not None and epoch == start_epoch and step == 0:
-                timing = {"startup_s": time.time() - started_at}  # trial start -> first training batch
             idx = order[step * local_batch:(step + 1) * local_batch]
             x = augment_batch(to_float(train_x[idx].to(device), mean, std, normalize), cfg.augment, aug_gen)
             y = torch.from_numpy(train_y[idx.numpy()]).to(device)
@@ -322,7 +321,7 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
                    "train_images_per_s": seen * session.world_size / train_seconds,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **where}  # Linux: KiB
         if epoch == start_epoch and started_at is not None:
-            metrics.update(timing)
+            metrics["startup_s"] = epoch_started_at - started_at  # trial start -> its first training batch
         if session.rank == 0:  # val is small; one rank evaluates it whole, the others wait at the report
             val, _ = evaluate(unwrap(model), splits.val_x, splits.val_y, mean, std, normalize, device, "val_",
                               cfg.train.eval_batch_size)

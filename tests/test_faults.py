@@ -56,27 +56,27 @@ def wait_for(condition, timeout: float, what: str, driver: subprocess.Popen, log
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
-def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, ray_session, ray_address):
-    """SIGKILL a Ray Train worker after its first checkpoint: the trial restarts its worker group and
-    continues at the next epoch (not at 1), and the sweep completes."""
+def kill_mid_trial(tmp_path: Path, cfg: Path, name: str, address: str, is_target) -> tuple[int, list[int], float]:
+    """Run a 1-trial, 8-epoch sweep; once it has reported an epoch, SIGKILL the first live actor that
+    ``is_target(actor)`` picks (found through Ray's state API). Checks that the trial went on from its
+    checkpoint and the sweep completed; returns (epochs before the kill, epochs reported, seconds to finish)."""
     from ray.util.state import list_actors
 
-    cfg = config_file(tmp_path, model=["cnn_bn"], num_samples=1, optimizer=["adamw", "sgd"], max_concurrent_trials=1)
-    exp = tmp_path / "killworker"
+    exp = tmp_path / name
     log = tmp_path / "driver.log"
-    driver = start_driver("--config", str(cfg), "--storage", str(tmp_path), "--name", "killworker",
-                          "--epochs", "8", "--address", ray_address, log=log)
+    driver = start_driver("--config", str(cfg), "--storage", str(tmp_path), "--name", name,
+                          "--epochs", "8", "--address", address, log=log)
 
-    def worker_after_first_checkpoint():
+    def target_after_first_checkpoint():
         if not any(e and e[-1] >= 1 for e in reported_epochs(exp).values()):
             return None
-        alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if is_target(a)]
         return alive[0] if alive else None
 
-    worker = wait_for(worker_after_first_checkpoint, 240, "a training worker past epoch 1", driver, log)
+    actor = wait_for(target_after_first_checkpoint, 240, "a trial past epoch 1", driver, log)
     killed_after = max(e[-1] for e in reported_epochs(exp).values() if e)
     killed_at = time.time()
-    os.kill(worker.pid, signal.SIGKILL)
+    os.kill(actor.pid, signal.SIGKILL)
     assert driver.wait(timeout=400) == 0, log.read_text()[-3000:]
 
     (epochs,) = reported_epochs(exp).values()
@@ -84,8 +84,17 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, ray_session, 
     assert epochs.count(1) == 1, f"the retried trial restarted at epoch 1: {epochs}"
     assert [s for _, s in study_rows(exp)] == ["COMPLETE"]
     assert json.loads((exp / "leaderboard.json").read_text())[0]["epoch"] >= 1
+    return killed_after, epochs, time.time() - killed_at
+
+
+def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, ray_session, ray_address):
+    """SIGKILL a Ray Train worker after its first checkpoint: the trial restarts its worker group and
+    continues at the next epoch (not at 1), and the sweep completes."""
+    cfg = config_file(tmp_path, model=["cnn_bn"], num_samples=1, optimizer=["adamw", "sgd"], max_concurrent_trials=1)
+    killed_after, epochs, seconds = kill_mid_trial(tmp_path, cfg, "killworker", ray_address,
+                                                   lambda actor: actor.class_name == "RayTrainWorker")
     print(f"\n[fault 1] worker killed after epoch {killed_after}; reported epochs {epochs}; "
-          f"sweep finished {time.time() - killed_at:.0f} s after the kill")
+          f"sweep finished {seconds:.0f} s after the kill")
 
 
 def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path, ray_address):

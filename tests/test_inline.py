@@ -5,16 +5,14 @@ failed with their reason, and a killed trial resumed from its last checkpoint.""
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pneumo_ray.sweep import trial_statuses
-from tests.conftest import ROOT, run_cli, start_driver
-from tests.test_faults import reported_epochs, study_rows, wait_for
+from tests.conftest import ROOT, run_cli
+from tests.test_faults import kill_mid_trial, reported_epochs, study_rows
 
 SMOKE = ROOT / "sweeps" / "configs" / "smoke.yaml"
 pytestmark = pytest.mark.slow
@@ -65,28 +63,7 @@ def test_inline_sweep_keeps_checkpoints_reports_startup_and_fails_diverged(tmp_p
 def test_killed_inline_trial_resumes_from_its_checkpoint(tmp_path, ray_session, ray_address):
     """SIGKILL the trial's own process after its first checkpoint: Tune restarts the trial from that
     checkpoint, so the epochs continue instead of starting again at 1."""
-    from ray.util.state import list_actors
-
     cfg = inline_config(tmp_path, model=["cnn_bn"], num_samples=1, optimizer=["adamw", "sgd"], max_concurrent_trials=1)
-    exp = tmp_path / "killinline"
-    log = tmp_path / "driver.log"
-    driver = start_driver("--config", str(cfg), "--storage", str(tmp_path), "--name", "killinline",
-                          "--epochs", "8", "--address", ray_address, log=log)
-
-    def trial_after_first_checkpoint():
-        if not any(e and e[-1] >= 1 for e in reported_epochs(exp).values()):
-            return None
-        alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "ImplicitFunc" in a.class_name]
-        return alive[0] if alive else None
-
-    actor = wait_for(trial_after_first_checkpoint, 240, "an inline trial past epoch 1", driver, log)
-    killed_after = max(e[-1] for e in reported_epochs(exp).values() if e)
-    os.kill(actor.pid, signal.SIGKILL)
-    assert driver.wait(timeout=400) == 0, log.read_text()[-3000:]
-
-    (epochs,) = reported_epochs(exp).values()
-    assert epochs[-1] == 8 and epochs == sorted(epochs), f"epochs must continue, got {epochs}"
-    assert epochs.count(1) == 1, f"the retried trial restarted at epoch 1: {epochs}"
-    assert [s for _, s in study_rows(exp)] == ["COMPLETE"]
-    assert json.loads((exp / "leaderboard.json").read_text())[0]["epoch"] >= 1
+    killed_after, epochs, _ = kill_mid_trial(tmp_path, cfg, "killinline", ray_address,
+                                             lambda actor: "ImplicitFunc" in actor.class_name)
     print(f"\n[inline fault] trial killed after epoch {killed_after}; reported epochs {epochs}")
