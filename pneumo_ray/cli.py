@@ -1,4 +1,4 @@
-"""``pneumo-ray sweep | leaderboard``: argument parsing, and bad input as one line + exit code 2."""
+"""``pneumo-ray sweep | leaderboard | report | predict``: argument parsing, and bad input as one line + exit code 2."""
 
 from __future__ import annotations
 
@@ -33,6 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     board = sub.add_parser("leaderboard", help="print the leaderboard of a finished experiment")
     board.add_argument("experiment", help="experiment folder or URI (<storage>/<name>)")
+
+    report = sub.add_parser("report", help="re-score a finished experiment's kept trials on test and write "
+                            "leaderboard.* and report.html again (with the config's leaderboard settings)")
+    report.add_argument("experiment", help="experiment folder or URI (<storage>/<name>)")
+
+    predict = sub.add_parser("predict", help="pneumonia probability and label for PNG/JPEG chest X-rays")
+    predict.add_argument("experiment", help="folder of a finished experiment (<storage>/<name>)")
+    which = predict.add_mutually_exclusive_group()
+    which.add_argument("--rank", type=_positive_int, default=1, help="use the model at this leaderboard rank "
+                       "(default: %(default)s)")
+    which.add_argument("--ensemble", action="store_true", help="use the mean probability of the top-k models")
+    predict.add_argument("--cam", metavar="DIR", help="also write a Grad-CAM overlay PNG per image into DIR")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, any size)")
     return parser
 
 
@@ -48,33 +61,77 @@ def sweep_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from pneumo_ray import config, sweep
-    from pneumo_ray.leaderboard import to_markdown
+    from pneumo_ray import config, storage, sweep
+    from pneumo_ray.storage import EVALUATION_FILE, PREDICTIONS_FILE, REPORT_FILE
 
     cfg = config.load(args.config, sweep_overrides(args))
     prepared = sweep.prepare(cfg, resume=args.resume)  # every check that can fail does so before Ray starts
     rows = sweep.run(prepared, address=args.address)
-    exp = prepared.cfg.experiment
+    exp, exp_uri = prepared.cfg.experiment, prepared.cfg.experiment_uri
     if rows is None:
         print(f"\nSweep interrupted; its state is saved. Continue it with:\n  python sweeps/run.py --resume "
               f"--storage {exp.storage} --name {exp.name}")
         return EXIT_INTERRUPTED
-    print(f"\nTest leaderboard (top {len(rows)} by {prepared.cfg.search.metric}; test split used once, here):\n")
-    print(to_markdown(rows) if rows else "no trial finished an epoch")
-    print(f"Outputs in {prepared.cfg.experiment_uri}: leaderboard.csv/.json/.md, best/, {sweep.OPTUNA_FILE}, trial folders")
+    print(f"\nTest leaderboard ({prepared.cfg.search.metric} picks the top {prepared.cfg.leaderboard.top_k}):\n")
+    print(storage.read_text(storage.join(exp_uri, "leaderboard.md")))
+    print(f"Outputs in {exp_uri}: {REPORT_FILE} (open it in a browser), leaderboard.csv/.json/.md, "
+          f"{EVALUATION_FILE}, {PREDICTIONS_FILE}, best/, {sweep.OPTUNA_FILE}, trial folders (tensorboard --logdir)")
     return 0 if rows else 1
+
+
+def experiment_location(arg: str) -> str:
+    from pneumo_ray import storage
+
+    return arg if storage.is_remote(arg) else str(Path(arg).resolve())
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from pneumo_ray import storage
     from pneumo_ray.config import ConfigError
 
-    where = args.experiment if storage.is_remote(args.experiment) else str(Path(args.experiment).resolve())
-    path = storage.join(where, "leaderboard.md")
+    path = storage.join(experiment_location(args.experiment), "leaderboard.md")
     if not storage.exists(path):
         raise ConfigError(f"{path}: no leaderboard here; pass an experiment folder whose sweep has finished")
     print(storage.read_text(path))
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pneumo_ray import config, storage
+    from pneumo_ray.config import ConfigError
+    from pneumo_ray.data import load_splits
+    from pneumo_ray.storage import LEADERBOARD_OUTPUTS, REPORT_FILE
+    from pneumo_ray.sweep import CONFIG_FILE
+
+    where = experiment_location(args.experiment)
+    if not storage.exists(storage.join(where, "leaderboard.json")):
+        raise ConfigError(f"{where}: no finished sweep here (leaderboard.json missing); finish it with "
+                          "`python sweeps/run.py --resume --storage DIR --name NAME`, or check the path")
+    saved = storage.join(where, CONFIG_FILE)
+    cfg = config.loads(storage.read_text(saved), saved)
+    splits = load_splits(cfg.data, cfg.experiment.seed)  # the same data the sweep used (checked like a sweep's)
+
+    from pneumo_ray.leaderboard import write_leaderboard
+    from pneumo_ray.report import write_report
+
+    exp_dir = storage.mirror(where)
+    write_leaderboard(exp_dir, cfg, splits)
+    write_report(exp_dir, cfg, splits)
+    storage.publish(exp_dir, where, LEADERBOARD_OUTPUTS)
+    print(storage.read_text(storage.join(where, "leaderboard.md")))
+    print(f"Report: {storage.join(where, REPORT_FILE)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pneumo_ray import predict
+
+    lines, errors = predict.run(Path(args.experiment).expanduser(), args.images, rank=args.rank,
+                                ensemble=args.ensemble, cam_dir=Path(args.cam).expanduser() if args.cam else None)
+    print("\n".join(lines), flush=True)
+    for error in errors:
+        print(f"pneumo-ray: error: {error}", file=sys.stderr)
+    return EXIT_BAD_INPUT if errors else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return {"sweep": cmd_sweep, "leaderboard": cmd_leaderboard}[args.command](args)
+        commands = {"sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "report": cmd_report, "predict": cmd_predict}
+        return commands[args.command](args)
     except ConfigError as err:
         print(f"pneumo-ray: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

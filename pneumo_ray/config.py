@@ -23,6 +23,7 @@ CLASS_WEIGHTING = ("none", "loss", "sampler")
 DATA_SOURCES = ("medmnist", "npz", "folder", "synthetic")
 MEDMNIST_SIZES = (28, 64, 128, 224)
 CROP_MODES = ("none", "pad", "resized")
+THRESHOLD_RULES = ("youden", "sensitivity")
 SELECTION_METRICS = ("val_auc", "val_acc", "val_balanced_acc", "val_f1", "val_loss")
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -124,7 +125,18 @@ class ResourcesConfig:
 
 @dataclass
 class LeaderboardConfig:
+    """How the kept trials are judged on the test split, once, after the search."""
+
     top_k: int = 3
+    # The decision threshold, chosen on val. youden: maximise sensitivity + specificity. sensitivity: the
+    # highest threshold whose val sensitivity is >= min_sensitivity (a screening tool's operating point).
+    threshold: str = "youden"
+    min_sensitivity: float = 0.95
+    bootstrap_resamples: int = 1000  # stratified bootstrap of the test split for 95% confidence intervals
+    ensemble: bool = True  # add a row for the mean probability of the top-k
+    temperature_scaling: bool = False  # calibrate each model's probabilities with a temperature fitted on val
+    flip_tta: bool = False  # test-time augmentation: average each image's logits with its mirror image's
+    gradcam_images: int = 8  # report: Grad-CAM overlays for this many sampled and this many misclassified images
 
 
 @dataclass
@@ -383,4 +395,10 @@ def validate(cfg: Config) -> None:
     _check(r.launcher == "train" or r.workers_per_trial == 1, "resources.launcher",
            "inline trains one worker per trial; set resources.workers_per_trial: 1 or launcher: train for DDP")
 
-    _check(cfg.leaderboard.top_k >= 1, "leaderboard.top_k", "must be >= 1")
+    lb = cfg.leaderboard
+    _check(lb.top_k >= 1, "leaderboard.top_k", "must be >= 1")
+    _check_choices([lb.threshold], THRESHOLD_RULES, "leaderboard.threshold")
+    _check(0 < lb.min_sensitivity <= 1, "leaderboard.min_sensitivity", "must be in (0, 1], e.g. 0.95")
+    _check(lb.bootstrap_resamples >= 1000, "leaderboard.bootstrap_resamples",
+           "must be >= 1000: fewer resamples leave the 2.5% tails of a 95% interval too noisy")
+    _check(lb.gradcam_images >= 0, "leaderboard.gradcam_images", "must be >= 0 (0 leaves Grad-CAM out of the report)")

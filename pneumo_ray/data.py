@@ -132,7 +132,7 @@ def _load_medmnist(cfg: DataConfig, seed: int) -> Splits:
     return _from_arrays(arrays, f"medmnist:{expected}")
 
 
-def _read_gray(path: Path, size: int) -> np.ndarray:
+def read_gray(path: Path, size: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as img:
@@ -167,7 +167,7 @@ def _load_folder(cfg: DataConfig, seed: int) -> Splits:
 
     def read(item):
         try:
-            return _read_gray(item[0], cfg.size)
+            return read_gray(item[0], cfg.size)
         except Exception:
             return None
 

@@ -37,3 +37,13 @@ def evaluate(model: nn.Module, images_u8: np.ndarray, labels: np.ndarray, mean: 
     metrics = binary_metrics(labels, prob, prefix=prefix)
     metrics[f"{prefix}loss"] = float(F.cross_entropy(logits, target))
     return metrics, prob
+
+
+def predict_margin(model: nn.Module, images_u8: np.ndarray, mean: float, std: float, normalize: bool,
+                   device: torch.device, batch_size: int = 512, flip_tta: bool = False) -> np.ndarray:
+    """logit(pneumonia) - logit(normal) per image, so that sigmoid(margin) is the pneumonia probability and
+    sigmoid(margin / T) its temperature-scaled version. ``flip_tta``: the mean with the mirrored image's."""
+    logits = predict_logits(model, images_u8, mean, std, normalize, device, batch_size)
+    if flip_tta:
+        logits = (logits + predict_logits(model, images_u8[..., ::-1], mean, std, normalize, device, batch_size)) / 2
+    return (logits[:, 1] - logits[:, 0]).double().numpy()

@@ -1,7 +1,9 @@
-"""Top-k trials by the val selection metric, each evaluated once on the test split.
+"""Top-k trials by the val selection metric, each evaluated once on the test split, plus their ensemble.
 
 This is the only place the test split is read, and it runs after the search has
-finished: no test number can influence which trial is kept.
+finished: no test number can influence which trial is kept. Everything that is
+chosen (the decision threshold, the temperature) is chosen on val, then applied
+to test. Each test metric comes with a stratified-bootstrap 95% interval.
 """
 
 from __future__ import annotations
@@ -12,18 +14,30 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.special import expit
 
 from pneumo_ray import storage
-from pneumo_ray.storage import BEST_DIR, TRAIN_RUNS
-from pneumo_ray.config import Config
-from pneumo_ray.data import Splits
-from pneumo_ray.evaluate import evaluate
+from pneumo_ray.config import Config, LeaderboardConfig
+from pneumo_ray.data import CLASS_NAMES, Splits
+from pneumo_ray.evaluate import predict_margin
+from pneumo_ray.metrics import (
+    CI_METRICS,
+    binary_metrics,
+    bootstrap_ci,
+    expected_calibration_error,
+    fit_temperature,
+    sensitivity_threshold,
+    youden_threshold,
+)
 from pneumo_ray.models import build_model
+from pneumo_ray.storage import BEST_DIR, EVALUATION_FILE, PREDICTIONS_FILE, TRAIN_RUNS
 from pneumo_ray.train import MODEL_FILE
 
 HYPERPARAMS = ("optimizer", "lr", "weight_decay", "batch_size", "class_weighting", "freeze_depth")
-TEST_COLUMNS = ("test_acc", "test_auc", "test_f1", "test_sensitivity", "test_specificity")
+ENSEMBLE = "ensemble"  # the ensemble row's rank
+HALF = "@0.5"  # suffix of the metrics at the naive 0.5 threshold
 
 
 def trial_checkpoints(exp_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
@@ -60,10 +74,11 @@ def load_model(checkpoint_dir: Path, meta: dict) -> torch.nn.Module:
 
 
 def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
-    metric = cfg.search.metric
-    top = best_per_trial(exp_dir, metric)[: cfg.leaderboard.top_k]
+    """Rank the kept trials, copy their checkpoints to best/, score them and their ensemble on test."""
+    metric, lb = cfg.search.metric, cfg.leaderboard
+    top = best_per_trial(exp_dir, metric)[: lb.top_k]
     best_dir = exp_dir / BEST_DIR
-    rows = []
+    rows, probs = [], {}
     for rank, cand in enumerate(top, start=1):
         meta = cand["meta"]
         keep = best_dir / f"rank{rank}_{cand['trial_id']}"
@@ -71,21 +86,72 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
             shutil.rmtree(keep)
         shutil.copytree(cand["checkpoint_dir"], keep)
         model = load_model(keep, meta)
-        test, _ = evaluate(model, splits.test_x, splits.test_y, meta["mean"], meta["std"], meta["normalize"],
-                           torch.device("cpu"), prefix="test_")
+        margins = [predict_margin(model, x, meta["mean"], meta["std"], meta["normalize"], torch.device("cpu"),
+                                  cfg.train.eval_batch_size, lb.flip_tta) for x in (splits.val_x, splits.test_x)]
+        temperature = fit_temperature(splits.val_y, margins[0]) if lb.temperature_scaling else 1.0
+        probs[rank] = [expit(m / temperature) for m in margins]
         row = {"rank": rank, "trial_id": cand["trial_id"], "model": meta["model"]}
         row.update({h: meta["params"].get(h) for h in HYPERPARAMS})
-        row.update({"epoch": meta["metrics"]["epoch"], metric: meta["metrics"][metric]})
-        row.update({k: test[k] for k in TEST_COLUMNS})
+        row.update({"epoch": meta["metrics"]["epoch"], metric: meta["metrics"][metric], "temperature": temperature})
         # Where the copy lives for the user: the bucket for a cloud experiment, not this machine's mirror.
         row["checkpoint"] = storage.join(cfg.experiment_uri, BEST_DIR, keep.name) if storage.is_remote(
             cfg.experiment_uri) else str(keep)
         rows.append(row)
-    save_rows(exp_dir, rows)
+    if lb.ensemble and len(rows) >= 2:
+        probs[ENSEMBLE] = [np.mean([p[i] for p in probs.values()], axis=0) for i in (0, 1)]  # val, test
+        val_metrics = binary_metrics(splits.val_y, probs[ENSEMBLE][0], prefix="val_")  # no val_loss: stays empty
+        rows.append({**dict.fromkeys(rows[0]), "rank": ENSEMBLE, "trial_id": "+".join(r["trial_id"] for r in rows),
+                     "model": f"mean of top {len(rows)}", metric: val_metrics.get(metric), "checkpoint": ""})
+    details = {}
+    for row in rows:
+        summary, details[str(row["rank"])] = score(splits.val_y, probs[row["rank"]][0], splits.test_y,
+                                                   probs[row["rank"]][1], lb, cfg.experiment.seed)
+        checkpoint = row.pop("checkpoint")
+        row.update(summary, checkpoint=checkpoint)  # checkpoint stays the last column
+    settings = {"selection_metric": metric, "threshold_rule": lb.threshold, "min_sensitivity": lb.min_sensitivity,
+                "bootstrap_resamples": lb.bootstrap_resamples, "bootstrap_seed": cfg.experiment.seed,
+                "confidence_level": 0.95, "flip_tta": lb.flip_tta, "temperature_scaling": lb.temperature_scaling}
+    (exp_dir / EVALUATION_FILE).write_text(json.dumps({"settings": settings, "rows": details}, indent=1))
+    np.savez(exp_dir / PREDICTIONS_FILE, val_y=splits.val_y, test_y=splits.test_y,
+             **{f"{split}_{key}": p[i] for key, p in probs.items() for i, split in enumerate(("val", "test"))})
+    save_rows(exp_dir, rows, settings)
     return rows
 
 
-def save_rows(exp_dir: Path, rows: list[dict]) -> None:
+def score(val_y: np.ndarray, val_prob: np.ndarray, test_y: np.ndarray, test_prob: np.ndarray,
+          lb: LeaderboardConfig, seed: int) -> tuple[dict, dict]:
+    """One row's test numbers: the threshold chosen on val, then metrics at it and at 0.5 with bootstrap
+    intervals, and calibration. Returns (flat columns for the table, details for evaluation.json)."""
+    from sklearn.metrics import (
+        brier_score_loss,
+        classification_report,
+        confusion_matrix,
+    )
+
+    if lb.threshold == "youden":
+        threshold = youden_threshold(val_y, val_prob)
+    else:
+        threshold = sensitivity_threshold(val_y, val_prob, lb.min_sensitivity)
+    flat: dict = {"threshold": threshold}
+    details: dict = {"threshold": threshold, "confusion": {}, "per_class": {}}
+    for suffix, t in (("", threshold), (HALF, 0.5)):
+        point = binary_metrics(test_y, test_prob, t)
+        ci = bootstrap_ci(test_y, test_prob, t, lb.bootstrap_resamples, seed)
+        for m in CI_METRICS:
+            if m == "auc" and suffix:
+                continue  # AUC does not depend on the threshold
+            key = f"test_{m}{suffix}"
+            flat.update({key: point[m], f"{key}_lo": ci[m][0], f"{key}_hi": ci[m][1]})
+        pred = (test_prob >= t).astype(int)
+        details["confusion"][suffix or "tuned"] = confusion_matrix(test_y, pred, labels=[0, 1]).tolist()
+        details["per_class"][suffix or "tuned"] = classification_report(
+            test_y, pred, labels=[0, 1], target_names=list(CLASS_NAMES), output_dict=True, zero_division=0)
+    flat["test_ece"] = expected_calibration_error(test_y, test_prob)
+    flat["test_brier"] = float(brier_score_loss(test_y, test_prob))
+    return flat, details
+
+
+def save_rows(exp_dir: Path, rows: list[dict], settings: dict | None = None) -> None:
     (exp_dir / "leaderboard.json").write_text(json.dumps(rows, indent=1))
     if not rows:
         (exp_dir / "leaderboard.md").write_text("No trial finished an epoch; nothing to rank.\n")
@@ -95,17 +161,51 @@ def save_rows(exp_dir: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (exp_dir / "leaderboard.md").write_text(to_markdown(rows))
+    (exp_dir / "leaderboard.md").write_text(to_markdown(rows, settings))
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 0.01 and value != 0 else f"{value:.4f}".rstrip("0").rstrip(".")
     return str(value)
 
 
-def to_markdown(rows: list[dict]) -> str:
-    columns = [c for c in rows[0] if c != "checkpoint"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n\nCheckpoints: " + ", ".join(f"rank {r['rank']}: `{r['checkpoint']}`" for r in rows) + "\n"
+def with_ci(row: dict, key: str) -> str:
+    """``0.912 [0.889, 0.934]``: the value and its 95% interval, at 3 decimals."""
+    return f"{row[key]:.3f} [{row[key + '_lo']:.3f}, {row[key + '_hi']:.3f}]"
+
+
+METRIC_TITLES = {"auc": "AUC", "acc": "accuracy", "sensitivity": "sensitivity", "specificity": "specificity",
+                 "f1": "F1"}
+
+
+def describe(settings: dict | None) -> str:
+    if not settings:
+        return ""
+    rule = ("Youden's J (max sensitivity + specificity)" if settings["threshold_rule"] == "youden"
+            else f"the highest with sensitivity >= {settings['min_sensitivity']}")
+    extras = [text for flag, text in (("temperature_scaling", "temperature scaling fitted on val"),
+                                      ("flip_tta", "flip test-time augmentation")) if settings.get(flag)]
+    return (f"Threshold chosen on val: {rule}. Brackets: 95% intervals from a stratified bootstrap of the test split "
+            f"({settings['bootstrap_resamples']} resamples, seed {settings['bootstrap_seed']})"
+            + (f"; {', '.join(extras)}" if extras else "") + ". The test split is read once, here.")
+
+
+def to_markdown(rows: list[dict], settings: dict | None = None) -> str:
+    metric = next(k for k in rows[0] if k.startswith("val_"))
+    head = ["rank", "model", metric, "threshold"] + [METRIC_TITLES[m] for m in CI_METRICS]
+    head += [f"{METRIC_TITLES[m]} @0.5" for m in CI_METRICS if m != "auc"] + ["ECE"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [_fmt(r["rank"]), r["model"], _fmt(r[metric]), _fmt(r["threshold"])]
+        cells += [with_ci(r, f"test_{m}") for m in CI_METRICS]
+        cells += [f"{r[f'test_{m}{HALF}']:.3f}" for m in CI_METRICS if m != "auc"] + [f"{r['test_ece']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    config_cols = ["rank", "trial_id", *HYPERPARAMS, "epoch", "temperature"]
+    lines += ["", "| " + " | ".join(config_cols) + " |", "|" + "---|" * len(config_cols)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in config_cols) + " |" for r in rows if r["rank"] != ENSEMBLE]
+    text = describe(settings) + "\n\n" + "\n".join(lines) if settings else "\n".join(lines)
+    return text + "\n\nCheckpoints: " + ", ".join(f"rank {r['rank']}: `{r['checkpoint']}`" for r in rows
+                                                if r["rank"] != ENSEMBLE) + "\n"

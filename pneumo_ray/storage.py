@@ -18,7 +18,12 @@ from pathlib import Path
 # The experiment folder's layout (kept here, free of torch imports, for the processes that only need names).
 TRAIN_RUNS = "train_runs"  # Ray Train run folders (checkpoints), one per trial id
 BEST_DIR = "best"  # copies of the top-k checkpoints
-LEADERBOARD_OUTPUTS = ["leaderboard.json", "leaderboard.csv", "leaderboard.md", BEST_DIR]  # a cloud experiment gets these back
+EVALUATION_FILE = "evaluation.json"  # leaderboard settings, confusion matrices and per-class reports, per row
+PREDICTIONS_FILE = "predictions.npz"  # val/test labels and each leaderboard row's probabilities
+REPORT_FILE = "report.html"
+# What the leaderboard step writes into the experiment (a cloud experiment gets these uploaded back).
+LEADERBOARD_OUTPUTS = ["leaderboard.json", "leaderboard.csv", "leaderboard.md", EVALUATION_FILE, PREDICTIONS_FILE,
+                       REPORT_FILE, BEST_DIR]
 
 
 def saved_trials(exp_dir: Path) -> list[dict]:

@@ -280,6 +280,7 @@ def run(prepared: Prepared, address: str | None = None):
     from ray.tune.search.optuna import OptunaSearch
 
     from pneumo_ray.leaderboard import write_leaderboard
+    from pneumo_ray.report import write_report
     from pneumo_ray.search_space import DefineByRun
 
     cfg, splits = prepared.cfg, prepared.splits
@@ -340,6 +341,7 @@ def run(prepared: Prepared, address: str | None = None):
     if len(finished) < cfg.search.num_samples and not out_of_time:
         return None  # interrupted (Ctrl+C): Tune saved its state; the test split stays untouched
     rows = write_leaderboard(exp_dir, cfg, splits)
+    write_report(exp_dir, cfg, splits)
     storage.publish(exp_dir, exp_uri, LEADERBOARD_OUTPUTS)
     return rows
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -86,3 +87,19 @@ def run_cli(*args: str, timeout: int = 600, cwd: Path = ROOT) -> subprocess.Comp
     """The real entry point in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def ranked_rows(exp_dir: Path) -> list[dict]:
+    """The leaderboard's ranked trials, without its ensemble row."""
+    return [r for r in json.loads((Path(exp_dir) / "leaderboard.json").read_text()) if r["rank"] != "ensemble"]
+
+
+@pytest.fixture(scope="session")
+def smoke_experiment(ray_address, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The smoke sweep, run once through the real entry point; its experiment folder is read (and its
+    report re-rendered) by the sweep, report and predict tests."""
+    storage = tmp_path_factory.mktemp("smoke")
+    result = run_cli("--config", str(ROOT / "sweeps" / "configs" / "smoke.yaml"), "--storage", str(storage),
+                     "--name", "smoke", "--address", ray_address)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return storage / "smoke", result

@@ -52,6 +52,9 @@ def run_main(capsys, *args) -> tuple[int, str]:
     ({"resources__launcher": "ray"}, "resources.launcher: unknown value 'ray'; choose from train, inline"),
     ({"resources__launcher": "inline", "resources__workers_per_trial": 2},
      "resources.launcher: inline trains one worker per trial"),
+    ({"leaderboard__threshold": "f1"}, "leaderboard.threshold: unknown value 'f1'; choose from youden, sensitivity"),
+    ({"leaderboard__min_sensitivity": 1.5}, "leaderboard.min_sensitivity: must be in (0, 1]"),
+    ({"leaderboard__bootstrap_resamples": 100}, "leaderboard.bootstrap_resamples: must be >= 1000"),
 ])
 def test_bad_config_values_are_one_line_errors(tmp_path, capsys, override, expected):
     code, err = run_main(capsys, "--config", str(smoke_with(tmp_path, **override)), "--storage", str(tmp_path))
@@ -138,3 +141,19 @@ def test_rejected_before_ray_starts(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "search.optimizer" in result.stderr
     assert not any(Path(os.environ["RAY_TMPDIR"]).iterdir()), "Ray started before the config was checked"
     assert not (tmp_path / "smoke").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["report", "{tmp}"], "leaderboard.json missing"),
+    (["predict", "{tmp}", "x.png"], "no finished leaderboard here"),
+])
+def test_report_and_predict_on_a_folder_without_a_finished_sweep(tmp_path, capsys, args, expected):
+    code = cli.main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and expected in err and "\n" not in err
+
+
+def test_predict_rank_and_ensemble_are_exclusive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", str(tmp_path), "--rank", "2", "--ensemble", "x.png"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

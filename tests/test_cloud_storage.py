@@ -68,8 +68,9 @@ def test_sweep_in_s3_bucket_with_postgres_study_then_resume(tmp_path, monkeypatc
             assert name in files, sorted(files)
         rows = json.loads(pyarrow.fs.FileSystem.from_uri(f"{exp}/leaderboard.json")[0]
                           .open_input_stream("pneumo-results/sweeps/cloud/leaderboard.json").read())
-        assert len(rows) == 3
-        for row in rows:
+        assert [r["rank"] for r in rows] == [1, 2, 3, "ensemble"]
+        assert "report.html" in files and "evaluation.json" in files
+        for row in rows[:3]:
             assert row["checkpoint"].startswith(f"{exp}/best/rank")  # the bucket copy, not the local mirror
             assert row["checkpoint"][len(exp) + 1:] + "/model.pt" in files
             assert any(f.startswith(f"train_runs/{row['trial_id']}/checkpoint_") for f in files)

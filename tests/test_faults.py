@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pneumo_ray.sweep import trial_statuses
-from tests.conftest import ROOT, run_cli, start_driver
+from tests.conftest import ROOT, ranked_rows, run_cli, start_driver
 
 SMOKE = ROOT / "sweeps" / "configs" / "smoke.yaml"
 pytestmark = pytest.mark.slow
@@ -120,7 +120,7 @@ def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path, ray_
     complete = [n for n, s in study_rows(exp) if s == "COMPLETE"]
     assert len(complete) == 4, study_rows(exp)
     assert "RUNNING" not in {s for _, s in study_rows(exp)}, "orphaned study rows must be closed on resume"
-    rows = json.loads((exp / "leaderboard.json").read_text())
+    rows = ranked_rows(exp)
     assert len(rows) == 3 and {r["trial_id"] for r in rows} <= set(statuses)
     print(f"\n[fault 2] driver killed with {len(finished_before)} of 4 trials finished; after --resume "
           f"{len(statuses)} trials, {len(complete)} complete study rows; resume took {time.time() - killed_at:.0f} s")
@@ -139,6 +139,6 @@ def test_diverging_trial_fails_with_its_reason_and_spares_the_rest(tmp_path, ray
     assert "diverged" in error_file.read_text() and "lr=1e+06" in error_file.read_text()
     states = [s for _, s in study_rows(exp)]
     assert sorted(states) == ["COMPLETE", "COMPLETE", "FAIL"]
-    rows = json.loads((exp / "leaderboard.json").read_text())
+    rows = ranked_rows(exp)
     assert len(rows) == 2 and errored[0] not in {r["trial_id"] for r in rows}
     assert "failed" in result.stdout and "diverged" in result.stdout

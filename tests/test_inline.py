@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pneumo_ray.sweep import trial_statuses
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, ranked_rows, run_cli
 from tests.test_faults import kill_mid_trial, reported_epochs, study_rows
 
 SMOKE = ROOT / "sweeps" / "configs" / "smoke.yaml"
@@ -47,7 +47,7 @@ def test_inline_sweep_keeps_checkpoints_reports_startup_and_fails_diverged(tmp_p
 
     # No Ray Train run: the checkpoints live in the Tune trial folders, and the leaderboard found them.
     assert not list((exp / "train_runs").glob("*/checkpoint_*"))
-    rows = json.loads((exp / "leaderboard.json").read_text())
+    rows = ranked_rows(exp)
     assert len(rows) == 2 and errored[0] not in {r["trial_id"] for r in rows}
     for row in rows:
         assert (Path(row["checkpoint"]) / "model.pt").is_file()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ranked_rows
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +27,6 @@ def test_sweep_runs_as_a_ray_job(ray_session, tmp_path):
         time.sleep(1)
     logs = client.get_job_logs(job_id)
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
-    rows = json.loads((tmp_path / "as-a-job" / "leaderboard.json").read_text())
+    rows = ranked_rows(tmp_path / "as-a-job")
     assert len(rows) == 2 and all(0 <= r["test_auc"] <= 1 for r in rows)
     assert "Test leaderboard" in logs

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pneumo_ray.sweep import trial_statuses
-from tests.conftest import ROOT, run_cli, start_driver
+from tests.conftest import ROOT, ranked_rows, run_cli, start_driver
 
 SMOKE = str(ROOT / "sweeps" / "configs" / "smoke.yaml")
 pytestmark = pytest.mark.slow
@@ -37,10 +37,9 @@ def trial_dirs(exp_dir: Path) -> list[Path]:
     return sorted(p for p in exp_dir.glob("tune_trial_*") if p.is_dir())
 
 
-def test_smoke_sweep_writes_leaderboard_tensorboard_and_study(tmp_path, ray_address):
-    result = run_cli("--config", SMOKE, "--storage", str(tmp_path), "--name", "smoke", "--address", ray_address)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    exp = tmp_path / "smoke"
+def test_smoke_sweep_writes_leaderboard_report_tensorboard_and_study(smoke_experiment, ray_address):
+    exp, result = smoke_experiment
+    tmp_path = exp.parent
 
     trials = trial_dirs(exp)
     assert len(trials) == 3
@@ -49,18 +48,24 @@ def test_smoke_sweep_writes_leaderboard_tensorboard_and_study(tmp_path, ray_addr
     assert study_states(exp) == ["COMPLETE"] * 3
 
     rows = json.loads((exp / "leaderboard.json").read_text())
-    assert [r["rank"] for r in rows] == [1, 2, 3]
-    assert [r["val_auc"] for r in rows] == sorted((r["val_auc"] for r in rows), reverse=True)
+    assert [r["rank"] for r in rows] == [1, 2, 3, "ensemble"]
+    ranked = rows[:3]
+    assert [r["val_auc"] for r in ranked] == sorted((r["val_auc"] for r in ranked), reverse=True)
     for row in rows:
         for key in ("model", "optimizer", "lr", "weight_decay", "batch_size", "class_weighting", "freeze_depth",
-                    "test_acc", "test_auc", "test_f1", "test_sensitivity", "test_specificity", "checkpoint"):
+                    "threshold", "test_acc", "test_auc", "test_f1", "test_sensitivity", "test_specificity",
+                    "test_acc@0.5", "test_auc_lo", "test_auc_hi", "test_ece", "checkpoint"):
             assert key in row, key
-        assert 0 <= row["test_auc"] <= 1 and 0 <= row["test_acc"] <= 1
+        assert 0 <= row["test_auc"] <= 1 and 0 <= row["test_acc"] <= 1 and 0 <= row["threshold"] <= 1
+    for row in ranked:
         assert (Path(row["checkpoint"]) / "model.pt").is_file()
     with open(exp / "leaderboard.csv") as f:
-        assert [int(r["rank"]) for r in csv.DictReader(f)] == [1, 2, 3]
-    assert "| rank | trial_id | model |" in (exp / "leaderboard.md").read_text()
-    assert "Test leaderboard" in result.stdout
+        assert [r["rank"] for r in csv.DictReader(f)] == ["1", "2", "3", "ensemble"]
+    board = (exp / "leaderboard.md").read_text()
+    assert "| rank | model | val_auc | threshold | AUC |" in board and "Youden" in board
+    assert "Test leaderboard" in result.stdout and "report.html" in result.stdout
+    report = (exp / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 6 and "optimization history" in report
 
     # Re-running the same name is refused before Ray starts, and nothing is touched.
     before = {p: p.stat().st_mtime_ns for p in exp.rglob("*")}
@@ -100,5 +105,5 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, r
     assert len(terminated_trials(exp)) == 4
     for trial_id, snapshot in snapshots.items():  # finished trials were not run again
         assert run_snapshot(exp, trial_id) == snapshot, trial_id
-    rows = json.loads((exp / "leaderboard.json").read_text())
+    rows = ranked_rows(exp)
     assert len(rows) == 3 and all(0 <= r["test_auc"] <= 1 for r in rows)

@@ -1,0 +1,282 @@
+"""``<experiment>/report.html``: the leaderboard as one self-contained page (plots inline as PNG).
+
+It reads what the leaderboard step saved (rows, per-row details, val/test probabilities), each kept
+trial's Tune results and the Optuna study. It runs no search and selects nothing. Grad-CAM reads the
+test images the leaderboard already scored. Plots are matplotlib, drawn on ``Figure`` objects (no
+pyplot state), except Optuna's, which bring their own pyplot figures and are closed after use.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from pneumo_ray import storage
+from pneumo_ray.config import Config
+from pneumo_ray.data import CLASS_NAMES, Splits
+from pneumo_ray.leaderboard import (
+    ENSEMBLE,
+    HALF,
+    HYPERPARAMS,
+    METRIC_TITLES,
+    describe,
+    load_model,
+    with_ci,
+)
+from pneumo_ray.metrics import CI_METRICS
+from pneumo_ray.storage import BEST_DIR, EVALUATION_FILE, PREDICTIONS_FILE, REPORT_FILE
+
+MEDMNIST_CITATION = ("Data: PneumoniaMNIST from MedMNIST v2 (CC BY 4.0). Yang, J. et al. MedMNIST v2 - A large-scale "
+                     "lightweight benchmark for 2D and 3D biomedical image classification. Scientific Data 10, 41 (2023).")
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 7px;
+text-align:right}th{background:#f2f2f2}td:nth-child(2){text-align:left}tr.ensemble{background:#eef6ff}
+img{max-width:100%;display:block;margin:.5em 0 1.5em}.note{color:#555;font-size:13px}h2{margin-top:1.6em}"""
+
+
+def label(row: dict) -> str:
+    return "ensemble" if row["rank"] == ENSEMBLE else f"#{row['rank']} {row['model']}"
+
+
+def png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def img(fig, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png(fig)}">'
+
+
+def table(header: list[str], body: list[list], row_class: list[str] | None = None) -> str:
+    cells = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    lines = [f"<tr>{cells}</tr>"]
+    for i, r in enumerate(body):
+        cls = f' class="{row_class[i]}"' if row_class and row_class[i] else ""
+        lines.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>")
+    return "<table>" + "".join(lines) + "</table>"
+
+
+def fmt(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def leaderboard_section(rows: list[dict], metric: str, settings: dict) -> str:
+    header = ["rank", "model", metric, "threshold", *(f"{METRIC_TITLES[m]} [95% CI]" for m in CI_METRICS),
+              *(f"{METRIC_TITLES[m]} @0.5" for m in CI_METRICS if m != "auc"), "ECE", "Brier"]
+    body = [[r["rank"], r["model"], fmt(r[metric]), f"{r['threshold']:.3f}", *(with_ci(r, f"test_{m}") for m in CI_METRICS),
+             *(f"{r[f'test_{m}{HALF}']:.3f}" for m in CI_METRICS if m != "auc"), f"{r['test_ece']:.3f}",
+             f"{r['test_brier']:.3f}"] for r in rows]
+    config_cols = ["rank", "trial_id", *HYPERPARAMS, "epoch", "temperature"]
+    configs = [[fmt(r[c]) for c in config_cols] for r in rows if r["rank"] != ENSEMBLE]
+    return ("<h2>Test leaderboard</h2>" + f'<p class="note">{html.escape(describe(settings))} Ranked by {metric}; the '
+            "ensemble averages the ranked models' probabilities and gets its own threshold on val.</p>"
+            + table(header, body, ["ensemble" if r["rank"] == ENSEMBLE else "" for r in rows])
+            + "<h3>Configurations</h3>" + table(config_cols, configs))
+
+
+def curves_section(rows: list[dict], preds) -> str:
+    from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
+
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    roc, pr = fig.subplots(1, 2)
+    y = preds["test_y"]
+    for r in rows:
+        p = preds[f"test_{r['rank']}"]
+        RocCurveDisplay.from_predictions(y, p, ax=roc, name=label(r))
+        PrecisionRecallDisplay.from_predictions(y, p, ax=pr, name=label(r))
+        if r["rank"] == ENSEMBLE:  # black, so it stands apart from its members
+            for ax in (roc, pr):
+                ax.lines[-1].set_color("black")
+        # The operating point at the tuned threshold, where the leaderboard's numbers come from.
+        roc.plot(1 - r["test_specificity"], r["test_sensitivity"], "o", color=roc.lines[-1].get_color(), ms=5)
+    roc.plot([0, 1], [0, 1], ":", color="grey")
+    roc.legend(fontsize=8, loc="lower right")  # again: the ensemble's colour changed after sklearn drew its legend
+    pr.legend(fontsize=8, loc="lower left")
+    roc.set_title("ROC (dots: tuned threshold)")
+    pr.set_title("Precision-recall (pneumonia = positive)")
+    return "<h2>ROC and precision-recall curves (test)</h2>" + img(fig, "ROC and PR curves")
+
+
+def confusion_section(rows: list[dict], details: dict) -> str:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    shown = [rows[0]] + [r for r in rows if r["rank"] == ENSEMBLE]
+    fig = Figure(figsize=(4.4 * 2, 3.8 * len(shown)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(shown), 2))
+    for r, pair in zip(shown, axes):
+        d = details[str(r["rank"])]
+        for ax, (key, title) in zip(pair, (("tuned", f"threshold {r['threshold']:.3f} (tuned on val)"),
+                                           (HALF, "threshold 0.5"))):
+            ConfusionMatrixDisplay(np.array(d["confusion"][key]), display_labels=list(CLASS_NAMES)).plot(
+                ax=ax, colorbar=False, cmap="Blues", values_format="d")
+            ax.set_title(f"{label(r)}: {title}", fontsize=10)
+    per_class = []
+    for r in rows:
+        for key in ("tuned", HALF):
+            report = details[str(r["rank"])]["per_class"][key]
+            for name in CLASS_NAMES:
+                c = report[name]
+                per_class.append([label(r), "tuned" if key == "tuned" else "0.5", name, f"{c['precision']:.3f}",
+                                  f"{c['recall']:.3f}", f"{c['f1-score']:.3f}", int(c["support"])])
+    return ("<h2>Confusion matrices and per-class report (test)</h2>" + img(fig, "confusion matrices")
+            + table(["row", "threshold", "class", "precision", "recall", "F1", "images"], per_class))
+
+
+def calibration_section(rows: list[dict], preds, settings: dict) -> str:
+    from sklearn.calibration import CalibrationDisplay
+
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.subplots()
+    for r in rows:
+        CalibrationDisplay.from_predictions(preds["test_y"], preds[f"test_{r['rank']}"], n_bins=10, ax=ax,
+                                            name=f"{label(r)} (ECE {r['test_ece']:.3f})")
+        if r["rank"] == ENSEMBLE:
+            ax.lines[-1].set_color("black")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("Reliability diagram (test, 10 bins)")
+    note = ("Probabilities were temperature-scaled on val." if settings.get("temperature_scaling") else
+            "Uncalibrated probabilities; set leaderboard.temperature_scaling: true to fit a temperature on val.")
+    return f'<h2>Calibration</h2><p class="note">{note}</p>' + img(fig, "reliability diagram")
+
+
+def training_section(exp_dir: Path, rows: list[dict], metric: str) -> str:
+    logdirs = {t["trial_id"]: t["relative_logdir"] for t in storage.saved_trials(exp_dir)}
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for r in rows:
+        result = exp_dir / logdirs.get(r["trial_id"], "-") / "result.json"
+        if r["rank"] == ENSEMBLE or not result.is_file():
+            continue
+        epochs = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        x = [e["epoch"] for e in epochs]
+        line, = left.plot(x, [e.get(metric) for e in epochs], marker="o", ms=3, label=label(r))
+        right.plot(x, [e.get("train_loss") for e in epochs], color=line.get_color(), label=f"{label(r)} train")
+        right.plot(x, [e.get("val_loss") for e in epochs], "--", color=line.get_color(), label=f"{label(r)} val")
+    if not left.lines:
+        return '<h2>Training curves</h2><p class="note">No Tune results found for the ranked trials.</p>'
+    left.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+    right.set(xlabel="epoch", ylabel="loss", title="loss per epoch (solid: train, dashed: val)")
+    for ax in (left, right):
+        ax.legend(fontsize=8)
+    return "<h2>Training curves of the ranked trials</h2>" + img(fig, "training curves")
+
+
+def search_section(cfg: Config, exp_dir: Path) -> str:
+    import matplotlib.pyplot as plt
+    import optuna
+
+    from pneumo_ray.sweep import OPTUNA_FILE
+
+    url = cfg.search.optuna_storage or f"sqlite:///{exp_dir / OPTUNA_FILE}"
+    out = ["<h2>Search (Optuna)</h2>"]
+    try:
+        study = optuna.load_study(study_name=cfg.experiment.name, storage=url)
+    except Exception as err:  # a deleted database or a server that is gone: the rest of the report still stands
+        return out[0] + f'<p class="note">Study not readable ({html.escape(type(err).__name__)}): no search plots.</p>'
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    import warnings
+
+    for plot, title in ((optuna.visualization.matplotlib.plot_optimization_history, "optimization history"),
+                        (optuna.visualization.matplotlib.plot_param_importances, "parameter importances")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ finished trials
+                out.append(f'<p class="note">No {title}: {html.escape(str(err)[:200])}</p>')
+                continue
+        fig = ax.figure
+        fig.set_size_inches(7.5, 4)
+        out.append(img(fig, title))
+        plt.close(fig)
+    done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    out.insert(1, f'<p class="note">{len(study.trials)} trials, {done} complete. Early-stopped (ASHA) trials count as '
+                  "complete with their last epoch's value.</p>")
+    return "".join(out)
+
+
+def gradcam_section(exp_dir: Path, rows: list[dict], preds, splits: Splits, count: int, seed: int) -> str:
+    from pneumo_ray.explain import cam_layer, grad_cam, overlay
+
+    out = ["<h2>Grad-CAM (test images)</h2>"]
+    for r in rows:  # the best-ranked model that has a feature map to explain
+        if r["rank"] == ENSEMBLE:
+            continue
+        folder = exp_dir / BEST_DIR / f"rank{r['rank']}_{r['trial_id']}"
+        meta = json.loads((folder / "meta.json").read_text())
+        model = load_model(folder, meta)
+        if cam_layer(model, splits.image_size) is not None:
+            break
+    else:
+        return out[0] + '<p class="note">No ranked model has a convolutional feature map (e.g. mlp): no Grad-CAM.</p>'
+
+    y, prob = splits.test_y, preds[f"test_{r['rank']}"]
+    pred = (prob >= r["threshold"]).astype(int)
+    rng = np.random.default_rng(seed)
+    sample = np.concatenate([rng.choice(np.flatnonzero(y == c), size=min(count // 2 + c * (count % 2),
+                                                                          int((y == c).sum())), replace=False)
+                             for c in (0, 1)])
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-np.abs(prob[wrong] - r["threshold"]))][:count]  # the most confident mistakes first
+    out.append(f'<p class="note">Model {html.escape(label(r))} (trial {r["trial_id"]}), heatmaps for the pneumonia '
+               f'class; labels at its tuned threshold {r["threshold"]:.3f}. {len(np.flatnonzero(pred != y))} of '
+               f"{len(y)} test images are misclassified.</p>")
+    for title, idx in ((f"A fixed sample (seed {seed})", sample), ("Misclassified, most confident first", wrong)):
+        if len(idx) == 0:
+            out.append(f"<h3>{title}</h3><p class='note'>none</p>")
+            continue
+        heat = grad_cam(model, splits.test_x[idx], meta["mean"], meta["std"], meta["normalize"])
+        cols = min(len(idx), 8)
+        fig = Figure(figsize=(1.7 * cols, 2.1 * ((len(idx) + cols - 1) // cols)), layout="constrained")
+        axes = np.atleast_1d(fig.subplots((len(idx) + cols - 1) // cols, cols)).ravel()
+        for ax, i, h in zip(axes, idx, heat):
+            ax.imshow(overlay(splits.test_x[i], h, side=112))
+            ax.set_title(f"true {CLASS_NAMES[y[i]]}\np={prob[i]:.2f} -> {CLASS_NAMES[pred[i]]}", fontsize=8,
+                         color="black" if pred[i] == y[i] else "firebrick")
+        for ax in axes:
+            ax.axis("off")
+        out.append(f"<h3>{title}</h3>" + img(fig, f"Grad-CAM: {title}"))
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------- page
+
+
+def write_report(exp_dir: Path, cfg: Config, splits: Splits) -> Path:
+    rows = json.loads((exp_dir / "leaderboard.json").read_text())
+    path = exp_dir / REPORT_FILE
+    title = f"pneumo-ray report: {cfg.experiment.name}"
+    head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>")
+    intro = (f'<p class="note">Data: {html.escape(splits.summary())}. Written '
+             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. The test split was read once, after the "
+             "search; thresholds and temperatures were chosen on val.</p>")
+    if not rows:
+        path.write_text(head + intro + "<p>No trial finished an epoch; nothing to report.</p></body></html>")
+        return path
+    evaluation = json.loads((exp_dir / EVALUATION_FILE).read_text())
+    settings, details, metric = evaluation["settings"], evaluation["rows"], evaluation["settings"]["selection_metric"]
+    with np.load(exp_dir / PREDICTIONS_FILE) as saved:
+        preds = {k: saved[k] for k in saved.files}
+    sections = [leaderboard_section(rows, metric, settings), curves_section(rows, preds),
+                confusion_section(rows, details), calibration_section(rows, preds, settings),
+                training_section(exp_dir, rows, metric), search_section(cfg, exp_dir)]
+    if cfg.leaderboard.gradcam_images:
+        sections.append(gradcam_section(exp_dir, rows, preds, splits, cfg.leaderboard.gradcam_images,
+                                        cfg.experiment.seed))
+    cite = f'<p class="note">{MEDMNIST_CITATION}</p>' if cfg.data.source in ("medmnist", "npz") else ""
+    path.write_text(head + intro + "".join(sections) + cite + "</body></html>")
+    return path
