@@ -101,7 +101,7 @@ def curves_section(rows: list[dict], preds) -> str:
             for ax in (roc, pr):
                 ax.lines[-1].set_color("black")
         # The operating point at the tuned threshold, where the leaderboard's numbers come from.
-        roc.plot(1 - r["test_specificity"], r["test_sensitivity"], "o", color=roc.lines[-1].get_color(), ms=5)
+        roc.plot(1 - r["test_specificity"], r["test_sensitivity"], "o", color=roc.lines[-1].get_color(), ms=7, mec="white")
     roc.plot([0, 1], [0, 1], ":", color="grey")
     roc.legend(fontsize=8, loc="lower right")  # again: the ensemble's colour changed after sklearn drew its legend
     pr.legend(fontsize=8, loc="lower left")
