@@ -13,6 +13,8 @@ import datetime
 import html
 import io
 import json
+import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -174,23 +176,25 @@ def training_section(exp_dir: Path, rows: list[dict], metric: str) -> str:
     return "<h2>Training curves of the ranked trials</h2>" + img(fig, "training curves")
 
 
-def search_section(cfg: Config, exp_dir: Path) -> str:
+def search_section(cfg: Config, exp_dir: Path, seed: int) -> str:
     import matplotlib.pyplot as plt
     import optuna
 
     from pneumo_ray.sweep import OPTUNA_FILE
 
-    url = cfg.search.optuna_storage or f"sqlite:///{exp_dir / OPTUNA_FILE}"
     out = ["<h2>Search (Optuna)</h2>"]
+    if not cfg.search.optuna_storage and not (exp_dir / OPTUNA_FILE).is_file():  # opening would create an empty one
+        return out[0] + f'<p class="note">No {OPTUNA_FILE} in the experiment: no search plots.</p>'
+    url = cfg.search.optuna_storage or f"sqlite:///{exp_dir / OPTUNA_FILE}"
     try:
         study = optuna.load_study(study_name=cfg.experiment.name, storage=url)
-    except Exception as err:  # a deleted database or a server that is gone: the rest of the report still stands
+    except Exception as err:  # a server that is gone, a study deleted: the rest of the report still stands
         return out[0] + f'<p class="note">Study not readable ({html.escape(type(err).__name__)}): no search plots.</p>'
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    import warnings
-
+    importances = optuna.importance.FanovaImportanceEvaluator(seed=seed)  # seeded: the same report every time
     for plot, title in ((optuna.visualization.matplotlib.plot_optimization_history, "optimization history"),
-                        (optuna.visualization.matplotlib.plot_param_importances, "parameter importances")):
+                        (partial(optuna.visualization.matplotlib.plot_param_importances, evaluator=importances),
+                         "parameter importances")):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
             try:
@@ -273,7 +277,7 @@ def write_report(exp_dir: Path, cfg: Config, splits: Splits) -> Path:
         preds = {k: saved[k] for k in saved.files}
     sections = [leaderboard_section(rows, metric, settings), curves_section(rows, preds),
                 confusion_section(rows, details), calibration_section(rows, preds, settings),
-                training_section(exp_dir, rows, metric), search_section(cfg, exp_dir)]
+                training_section(exp_dir, rows, metric), search_section(cfg, exp_dir, cfg.experiment.seed)]
     if cfg.leaderboard.gradcam_images:
         sections.append(gradcam_section(exp_dir, rows, preds, splits, cfg.leaderboard.gradcam_images,
                                         cfg.experiment.seed))

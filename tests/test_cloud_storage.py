@@ -80,7 +80,8 @@ def test_sweep_in_s3_bucket_with_postgres_study_then_resume(tmp_path, monkeypatc
 
         capsys.readouterr()
         assert main(["leaderboard", exp]) == 0
-        assert capsys.readouterr().out.startswith("| rank | trial_id | model")
+        printed = capsys.readouterr().out
+        assert printed.startswith("Threshold chosen on val") and "| rank | model | val_auc | threshold |" in printed
 
         # Resume a finished cloud experiment: it is restored from the bucket, nothing is re-run.
         before = {f for f in files if f.startswith("tune_trial_") and f.endswith("/result.json")}

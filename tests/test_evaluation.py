@@ -205,3 +205,21 @@ def test_temperature_is_fitted_on_val_and_applied_to_test(tmp_path):
             np.testing.assert_allclose(saved[f"test_{row['rank']}"], expit(m[n_val:] / row["temperature"]),
                                        atol=1e-4)
     assert json.loads((exp_dir / "evaluation.json").read_text())["settings"]["temperature_scaling"] is True
+
+
+def test_report_without_tune_or_optuna_state_still_renders(tmp_path):
+    """The report reads what the leaderboard saved; missing Tune results or study give a note, not a crash,
+    and reading never creates files (opening a missing SQLite study would create an empty database)."""
+    from pneumo_ray.report import write_report
+
+    exp_dir = tmp_path / "exp"
+    splits, _ = crafted_experiment(exp_dir)
+    cfg = config.from_dict({"leaderboard": {"top_k": 3}}, check=False)
+    write_leaderboard(exp_dir, cfg, splits)
+
+    page = write_report(exp_dir, cfg, splits).read_text()
+
+    assert "No optuna.db in the experiment" in page and "No Tune results found" in page
+    assert "No ranked model has a convolutional feature map" in page  # three MLPs
+    assert page.count("data:image/png;base64,") == 3  # ROC/PR, confusion matrices, reliability diagram
+    assert not (exp_dir / "optuna.db").exists()
