@@ -132,12 +132,25 @@ def _load_medmnist(cfg: DataConfig, seed: int) -> Splits:
     return _from_arrays(arrays, f"medmnist:{expected}")
 
 
-def read_gray(path: Path, size: int) -> np.ndarray:
+def read_gray(path: Path, size: int, center_crop: bool = False) -> np.ndarray:
+    """One image file -> size x size uint8 grayscale. ``center_crop`` first cuts the centred square of the
+    short edge, as MedMNIST built PneumoniaMNIST; without it a non-square image is stretched (the folder source)."""
     from PIL import Image
 
     with Image.open(path) as img:
         img.load()  # forces a full decode, so a truncated file fails here, not in training
-        return np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            # 16-bit or float images (e.g. exported from DICOM): convert("L") would clip them to white. Stretch
+            # the image's own range to 0..255 instead.
+            pixels = np.asarray(img, dtype=np.float64)
+            low, high = pixels.min(), pixels.max()
+            img = Image.fromarray(((pixels - low) / max(high - low, 1e-12) * 255).round().astype(np.uint8))
+        img = img.convert("L")
+        if center_crop and img.width != img.height:
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side))
+        return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
 def _load_folder(cfg: DataConfig, seed: int) -> Splits:

@@ -49,19 +49,26 @@ def cam_layer(model: nn.Module, image_size: int) -> tuple[nn.Module, object] | N
     return (big_enough[-1], None) if big_enough else None  # hooks fire in the order the outputs were made
 
 
+def pneumonia_margin(logits: torch.Tensor) -> torch.Tensor:
+    """The Grad-CAM target: logit(pneumonia) - logit(normal), whose sigmoid is the reported probability.
+    (The pneumonia logit alone would also credit evidence that raises both logits.)"""
+    return logits[..., 1] - logits[..., 0]
+
+
 def grad_cam(model: nn.Module, images_u8: np.ndarray, mean: float, std: float, normalize: bool,
-             target_class: int = 1) -> np.ndarray | None:
-    """N x H x W heatmaps in [0, 1] for ``target_class`` (1 = pneumonia), at the input's size; None for
-    models without a feature map."""
+             batch_size: int = 32) -> np.ndarray | None:
+    """N x H x W heatmaps in [0, 1] of what raises the pneumonia probability, at the input's size; None for
+    models without a feature map. Batched: gradients of a large model over many images at once would not fit."""
     from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     layer = cam_layer(model, images_u8.shape[-1])
     if layer is None:
         return None
-    x = to_float(torch.from_numpy(np.ascontiguousarray(images_u8)), mean, std, normalize)
+    images = torch.from_numpy(np.ascontiguousarray(images_u8))
     with GradCAM(model=model, target_layers=[layer[0]], reshape_transform=layer[1]) as cam:
-        return cam(input_tensor=x, targets=[ClassifierOutputTarget(target_class)] * len(x))
+        return np.concatenate([cam(input_tensor=to_float(images[i:i + batch_size], mean, std, normalize),
+                                   targets=[pneumonia_margin] * len(images[i:i + batch_size]))
+                               for i in range(0, len(images), batch_size)])
 
 
 def overlay(image_u8: np.ndarray, heatmap: np.ndarray, side: int | None = None) -> np.ndarray:

@@ -78,11 +78,15 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
     metric, lb = cfg.search.metric, cfg.leaderboard
     top = best_per_trial(exp_dir, metric)[: lb.top_k]
     best_dir = exp_dir / BEST_DIR
+    keep_names = {f"rank{rank}_{c['trial_id']}" for rank, c in enumerate(top, start=1)}
+    for stale in best_dir.glob("rank*_*"):  # copies from an earlier ranking (a resume, a report re-run)
+        if stale.name not in keep_names:
+            shutil.rmtree(stale)
     rows, probs = [], {}
     for rank, cand in enumerate(top, start=1):
         meta = cand["meta"]
         keep = best_dir / f"rank{rank}_{cand['trial_id']}"
-        if keep.exists():  # a resumed sweep rebuilds the leaderboard; replace only our own copy
+        if keep.exists():  # a resumed sweep rebuilds the leaderboard: a fresh copy of the same checkpoint
             shutil.rmtree(keep)
         shutil.copytree(cand["checkpoint_dir"], keep)
         model = load_model(keep, meta)
@@ -110,7 +114,8 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
         row.update(summary, checkpoint=checkpoint)  # checkpoint stays the last column
     settings = {"selection_metric": metric, "threshold_rule": lb.threshold, "min_sensitivity": lb.min_sensitivity,
                 "bootstrap_resamples": lb.bootstrap_resamples, "bootstrap_seed": cfg.experiment.seed,
-                "confidence_level": 0.95, "flip_tta": lb.flip_tta, "temperature_scaling": lb.temperature_scaling}
+                "confidence_level": 0.95, "flip_tta": lb.flip_tta, "temperature_scaling": lb.temperature_scaling,
+                "data_source": cfg.data.source}  # predict reads new images the way this source made its images
     (exp_dir / EVALUATION_FILE).write_text(json.dumps({"settings": settings, "rows": details}, indent=1))
     np.savez(exp_dir / PREDICTIONS_FILE, val_y=splits.val_y, test_y=splits.test_y,
              **{f"{split}_{key}": p[i] for key, p in probs.items() for i, split in enumerate(("val", "test"))})
@@ -188,6 +193,8 @@ def describe(settings: dict | None) -> str:
             else f"the highest with sensitivity >= {settings['min_sensitivity']}")
     extras = [text for flag, text in (("temperature_scaling", "temperature scaling fitted on val"),
                                       ("flip_tta", "flip test-time augmentation")) if settings.get(flag)]
+    if extras:  # the members' val metric is the one training recorded, which had neither
+        extras.append("the ensemble's val metric includes them, its members' (from training) do not")
     return (f"Threshold chosen on val: {rule}. Brackets: 95% intervals from a stratified bootstrap of the test split "
             f"({settings['bootstrap_resamples']} resamples, seed {settings['bootstrap_seed']})"
             + (f"; {', '.join(extras)}" if extras else "") + ". The test split is read once, here.")

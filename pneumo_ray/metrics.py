@@ -96,6 +96,14 @@ def fit_temperature(labels: np.ndarray, margin: np.ndarray) -> float:
 
     labels = np.asarray(labels).astype(int)
     margin = np.asarray(margin, dtype=np.float64)
-    fit = minimize_scalar(lambda log_t: skm.log_loss(labels, expit(margin / np.exp(log_t)), labels=[0, 1]),
-                          bounds=(-4.0, 4.0), method="bounded")
+    def loss(log_t: float) -> float:
+        return skm.log_loss(labels, expit(margin / np.exp(log_t)), labels=[0, 1])
+
+    low, high = -4.0, 4.0  # log T: T in [0.018, 55]
+    fit = minimize_scalar(loss, bounds=(low, high), method="bounded")
+    if min(loss(low), loss(high)) <= fit.fun + 1e-9:
+        # At a bound the log loss was still falling: val is separated perfectly (or never), and a tiny T would make
+        # every test probability 0 or 1. No temperature is better than that one.
+        print(f"[pneumo-ray] temperature scaling: no interior optimum on val (T -> {np.exp(fit.x):.3g}); using T = 1")
+        return 1.0
     return float(np.exp(fit.x))

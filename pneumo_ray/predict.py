@@ -1,9 +1,10 @@
 """``pneumo-ray predict``: pneumonia probabilities for image files, from an experiment's kept models.
 
-A file is read the way the folder data source reads training images (grayscale, resized to the
-training side with bilinear filtering), scored by one ranked model or by the ensemble, and labelled
-at the threshold the leaderboard chose on val. Temperature and flip TTA follow the leaderboard too,
-so a probability here means what it meant there.
+A file is read as the experiment's training images were made: grayscale, then resized to the training
+side with bilinear filtering. A MedMNIST (or MedMNIST-format npz) experiment first cuts the centred
+square, as MedMNIST did; a folder experiment stretches, as the folder source does. It is scored by one
+ranked model or by the ensemble and labelled at the threshold the leaderboard chose on val.
+Temperature and flip TTA follow the leaderboard too, so a probability here means what it meant there.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Predictor:
     threshold: float
     flip_tta: bool
     description: str
+    center_crop: bool  # how the training images were made square: see the module docstring
 
     @property
     def image_size(self) -> int:
@@ -80,11 +82,13 @@ def load_predictor(exp_dir: Path, rank: int = 1, ensemble: bool = False) -> Pred
         folder = exp_dir / BEST_DIR / f"rank{row['rank']}_{row['trial_id']}"
         meta = json.loads((folder / "meta.json").read_text())
         loaded.append(Member(load_model(folder, meta), meta, row.get("temperature") or 1.0))
+    source = settings.get("data_source", "folder")
     return Predictor(loaded, chosen["threshold"], settings.get("flip_tta", False),
-                     f"{description}, threshold {chosen['threshold']:.3f} ({settings['threshold_rule']} on val)")
+                     f"{description}, threshold {chosen['threshold']:.3f} ({settings['threshold_rule']} on val)",
+                     center_crop=source in ("medmnist", "npz"))
 
 
-def read_images(paths: list[str], size: int) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
+def read_images(paths: list[str], size: int, center_crop: bool) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
     """(path, H x W uint8) for each readable file, and a one-line error for each other one."""
     readable, errors = [], []
     for path in paths:
@@ -96,7 +100,7 @@ def read_images(paths: list[str], size: int) -> tuple[list[tuple[str, np.ndarray
             errors.append(f"{path}: empty file (0 bytes); pass a PNG or JPEG image")
             continue
         try:
-            readable.append((path, read_gray(p, size)))
+            readable.append((path, read_gray(p, size, center_crop)))
         except Exception as err:  # PIL raises several types for truncated or foreign files
             errors.append(f"{path}: not a readable image ({type(err).__name__}: {str(err)[:120]}); "
                           "pass a PNG or JPEG image")
@@ -119,7 +123,7 @@ def run(exp_dir: Path, paths: list[str], rank: int = 1, ensemble: bool = False,
     from PIL import Image
 
     predictor = load_predictor(exp_dir, rank, ensemble)
-    readable, errors = read_images(paths, predictor.image_size)
+    readable, errors = read_images(paths, predictor.image_size, predictor.center_crop)
     lines = [f"# {predictor.description}", "image\tp_pneumonia\tlabel"]
     if not readable:
         return lines, errors

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pneumo_ray.augment import augment_batch, to_float
 from pneumo_ray.config import AugmentConfig, DataConfig
-from pneumo_ray.data import load_splits
+from pneumo_ray.data import load_splits, read_gray
 from tests.conftest import SHARED_NPZ, write_npz
 
 
@@ -101,3 +101,23 @@ def test_normalisation_uses_train_statistics():
     mean, std = splits.train_mean_std()
     x = to_float(torch.from_numpy(splits.train_x), mean, std, normalize=True)
     assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-2
+
+
+def test_read_gray_scales_16_bit_images_and_center_crops(tmp_path):
+    # A 12-bit ramp stored as 16-bit, as DICOM exports often are: convert("L") alone would clip it to white.
+    ramp = np.tile(np.linspace(0, 4095, 64), (64, 1)).astype(np.uint16)
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")
+    img = read_gray(path, 64)
+    assert img.min() <= 2 and img.max() >= 253 and np.all(np.diff(img[0].astype(int)) >= 0)
+
+    # A wide image: black side bands around a white centred square. The centre crop keeps only the square,
+    # as MedMNIST made PneumoniaMNIST; the folder source's stretch keeps the bands.
+    wide = np.zeros((40, 120), np.uint8)
+    wide[:, 40:80] = 255
+    path = tmp_path / "wide.png"
+    Image.fromarray(wide).save(path)
+    assert read_gray(path, 20, center_crop=True).min() == 255
+    stretched = read_gray(path, 20)
+    assert stretched[:, 0].max() == 0 and stretched[:, 10].min() == 255

@@ -92,6 +92,8 @@ def test_calibration_error_and_temperature_scaling():
     temperature = fit_temperature(labels, overconfident)
     assert temperature == pytest.approx(3.0, rel=0.1)
     assert expected_calibration_error(labels, expit(overconfident / temperature)) < 0.02
+    separated = np.where(labels == 1, 1.0, -1.0)  # val with no overlap: the log loss falls as T -> 0
+    assert fit_temperature(labels, separated) == 1.0  # refused rather than pushing every probability to 0 or 1
 
 
 # --------------------------------------------------------------------------- ensemble, through the real step
@@ -158,9 +160,12 @@ def test_ensemble_beats_every_member_when_their_mistakes_differ(tmp_path):
     splits, margins = crafted_experiment(exp_dir)
     n_val, n_test, val_y, test_y = len(splits.val_y), len(splits.test_y), splits.val_y, splits.test_y
     cfg = config.from_dict({"leaderboard": {"top_k": 3}}, check=False)
+    (exp_dir / "best" / "rank1_gone").mkdir(parents=True)  # a copy from an earlier ranking
 
     rows = write_leaderboard(exp_dir, cfg, splits)
 
+    assert sorted(p.name for p in (exp_dir / "best").iterdir()) == sorted(f"rank{r['rank']}_{r['trial_id']}"
+                                                                          for r in rows[:3])
     singles, ensemble = rows[:3], rows[3]
     assert [r["rank"] for r in rows] == [1, 2, 3, ENSEMBLE]
     assert ensemble["model"] == "mean of top 3"

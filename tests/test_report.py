@@ -42,6 +42,13 @@ def test_gradcam_heatmaps_match_the_input(name, size):
     assert blended.shape == (112, 112, 3) and blended.dtype == np.uint8
 
 
+def test_gradcam_batches_give_the_same_maps():
+    images = np.random.default_rng(1).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    model = build_model("cnn_bn", 28).eval()
+    np.testing.assert_allclose(grad_cam(model, images, 0.5, 0.25, True, batch_size=2),
+                               grad_cam(model, images, 0.5, 0.25, True), atol=1e-5)
+
+
 def test_gradcam_is_absent_for_a_model_without_feature_maps():
     assert grad_cam(build_model("mlp", 28), np.zeros((2, 28, 28), np.uint8), 0.5, 0.25, True) is None
 
