@@ -33,7 +33,7 @@ from pneumo_ray.metrics import (
 )
 from pneumo_ray.models import build_model
 from pneumo_ray.storage import BEST_DIR, EVALUATION_FILE, PREDICTIONS_FILE, TRAIN_RUNS
-from pneumo_ray.train import MODEL_FILE
+from pneumo_ray.train import META_FILE, MODEL_FILE
 
 HYPERPARAMS = ("optimizer", "lr", "weight_decay", "batch_size", "class_weighting", "freeze_depth")
 ENSEMBLE = "ensemble"  # the ensemble row's rank
@@ -73,19 +73,30 @@ def load_model(checkpoint_dir: Path, meta: dict) -> torch.nn.Module:
     return model.eval()
 
 
+def best_copy(exp_dir: Path, rank: int, trial_id: str) -> Path:
+    """Where the leaderboard keeps the checkpoint of rank ``rank``: best/rank<N>_<trial id>."""
+    return exp_dir / BEST_DIR / f"rank{rank}_{trial_id}"
+
+
+def load_ranked(exp_dir: Path, row: dict) -> tuple[torch.nn.Module, dict]:
+    """The model of a leaderboard row, and its meta.json, from the leaderboard's own copy."""
+    folder = best_copy(exp_dir, row["rank"], row["trial_id"])
+    meta = json.loads((folder / META_FILE).read_text())
+    return load_model(folder, meta), meta
+
+
 def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
     """Rank the kept trials, copy their checkpoints to best/, score them and their ensemble on test."""
     metric, lb = cfg.search.metric, cfg.leaderboard
     top = best_per_trial(exp_dir, metric)[: lb.top_k]
-    best_dir = exp_dir / BEST_DIR
-    keep_names = {f"rank{rank}_{c['trial_id']}" for rank, c in enumerate(top, start=1)}
-    for stale in best_dir.glob("rank*_*"):  # copies from an earlier ranking (a resume, a report re-run)
+    keep_names = {best_copy(exp_dir, rank, c["trial_id"]).name for rank, c in enumerate(top, start=1)}
+    for stale in (exp_dir / BEST_DIR).glob("rank*_*"):  # copies from an earlier ranking (a resume, a report re-run)
         if stale.name not in keep_names:
             shutil.rmtree(stale)
     rows, probs = [], {}
     for rank, cand in enumerate(top, start=1):
         meta = cand["meta"]
-        keep = best_dir / f"rank{rank}_{cand['trial_id']}"
+        keep = best_copy(exp_dir, rank, cand["trial_id"])
         if keep.exists():  # a resumed sweep rebuilds the leaderboard: a fresh copy of the same checkpoint
             shutil.rmtree(keep)
         shutil.copytree(cand["checkpoint_dir"], keep)
@@ -200,19 +211,32 @@ def describe(settings: dict | None) -> str:
             + (f"; {', '.join(extras)}" if extras else "") + ". The test split is read once, here.")
 
 
-def to_markdown(rows: list[dict], settings: dict | None = None) -> str:
+CONFIG_COLUMNS = ("rank", "trial_id", *HYPERPARAMS, "epoch", "temperature")
+
+
+def results_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The leaderboard's main table as a header and text cells: leaderboard.md and report.html both show it."""
     metric = next(k for k in rows[0] if k.startswith("val_"))
-    head = ["rank", "model", metric, "threshold"] + [METRIC_TITLES[m] for m in CI_METRICS]
-    head += [f"{METRIC_TITLES[m]} @0.5" for m in CI_METRICS if m != "auc"] + ["ECE"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [_fmt(r["rank"]), r["model"], _fmt(r[metric]), _fmt(r["threshold"])]
-        cells += [with_ci(r, f"test_{m}") for m in CI_METRICS]
-        cells += [f"{r[f'test_{m}{HALF}']:.3f}" for m in CI_METRICS if m != "auc"] + [f"{r['test_ece']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    config_cols = ["rank", "trial_id", *HYPERPARAMS, "epoch", "temperature"]
-    lines += ["", "| " + " | ".join(config_cols) + " |", "|" + "---|" * len(config_cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in config_cols) + " |" for r in rows if r["rank"] != ENSEMBLE]
+    header = ["rank", "model", metric, "threshold", *(METRIC_TITLES[m] for m in CI_METRICS),
+              *(f"{METRIC_TITLES[m]} @0.5" for m in CI_METRICS if m != "auc"), "ECE", "Brier"]
+    body = [[_fmt(r["rank"]), r["model"], _fmt(r[metric]), f"{r['threshold']:.3f}",
+             *(with_ci(r, f"test_{m}") for m in CI_METRICS),
+             *(f"{r[f'test_{m}{HALF}']:.3f}" for m in CI_METRICS if m != "auc"),
+             f"{r['test_ece']:.3f}", f"{r['test_brier']:.3f}"] for r in rows]
+    return header, body
+
+
+def configs_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Each ranked trial's hyperparameters, kept epoch and temperature."""
+    return list(CONFIG_COLUMNS), [[_fmt(r[c]) for c in CONFIG_COLUMNS] for r in rows if r["rank"] != ENSEMBLE]
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in body]
+
+
+def to_markdown(rows: list[dict], settings: dict | None = None) -> str:
+    lines = _markdown(*results_table(rows)) + [""] + _markdown(*configs_table(rows))
     text = describe(settings) + "\n\n" + "\n".join(lines) if settings else "\n".join(lines)
     return text + "\n\nCheckpoints: " + ", ".join(f"rank {r['rank']}: `{r['checkpoint']}`" for r in rows
                                                 if r["rank"] != ENSEMBLE) + "\n"

@@ -20,8 +20,8 @@ from scipy.special import expit
 from pneumo_ray.config import ConfigError
 from pneumo_ray.data import CLASS_NAMES, read_gray
 from pneumo_ray.evaluate import predict_margin
-from pneumo_ray.leaderboard import ENSEMBLE, load_model
-from pneumo_ray.storage import BEST_DIR, EVALUATION_FILE
+from pneumo_ray.leaderboard import ENSEMBLE, load_ranked
+from pneumo_ray.storage import EVALUATION_FILE
 
 
 @dataclass
@@ -79,9 +79,8 @@ def load_predictor(exp_dir: Path, rank: int = 1, ensemble: bool = False) -> Pred
         members, description = [chosen], f"rank {rank} ({chosen['model']}, trial {chosen['trial_id']})"
     loaded = []
     for row in members:
-        folder = exp_dir / BEST_DIR / f"rank{row['rank']}_{row['trial_id']}"
-        meta = json.loads((folder / "meta.json").read_text())
-        loaded.append(Member(load_model(folder, meta), meta, row.get("temperature") or 1.0))
+        model, meta = load_ranked(exp_dir, row)
+        loaded.append(Member(model, meta, row.get("temperature") or 1.0))
     source = settings.get("data_source", "folder")
     return Predictor(loaded, chosen["threshold"], settings.get("flip_tta", False),
                      f"{description}, threshold {chosen['threshold']:.3f} ({settings['threshold_rule']} on val)",

@@ -26,14 +26,12 @@ from pneumo_ray.data import CLASS_NAMES, Splits
 from pneumo_ray.leaderboard import (
     ENSEMBLE,
     HALF,
-    HYPERPARAMS,
-    METRIC_TITLES,
+    configs_table,
     describe,
-    load_model,
-    with_ci,
+    load_ranked,
+    results_table,
 )
-from pneumo_ray.metrics import CI_METRICS
-from pneumo_ray.storage import BEST_DIR, EVALUATION_FILE, PREDICTIONS_FILE, REPORT_FILE
+from pneumo_ray.storage import EVALUATION_FILE, PREDICTIONS_FILE, REPORT_FILE
 
 MEDMNIST_CITATION = ("Data: PneumoniaMNIST from MedMNIST v2 (CC BY 4.0). Yang, J. et al. MedMNIST v2 - A large-scale "
                      "lightweight benchmark for 2D and 3D biomedical image classification. Scientific Data 10, 41 (2023).")
@@ -66,27 +64,15 @@ def table(header: list[str], body: list[list], row_class: list[str] | None = Non
     return "<table>" + "".join(lines) + "</table>"
 
 
-def fmt(value) -> str:
-    if value is None:
-        return ""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 # --------------------------------------------------------------------------- sections
 
 
 def leaderboard_section(rows: list[dict], metric: str, settings: dict) -> str:
-    header = ["rank", "model", metric, "threshold", *(f"{METRIC_TITLES[m]} [95% CI]" for m in CI_METRICS),
-              *(f"{METRIC_TITLES[m]} @0.5" for m in CI_METRICS if m != "auc"), "ECE", "Brier"]
-    body = [[r["rank"], r["model"], fmt(r[metric]), f"{r['threshold']:.3f}", *(with_ci(r, f"test_{m}") for m in CI_METRICS),
-             *(f"{r[f'test_{m}{HALF}']:.3f}" for m in CI_METRICS if m != "auc"), f"{r['test_ece']:.3f}",
-             f"{r['test_brier']:.3f}"] for r in rows]
-    config_cols = ["rank", "trial_id", *HYPERPARAMS, "epoch", "temperature"]
-    configs = [[fmt(r[c]) for c in config_cols] for r in rows if r["rank"] != ENSEMBLE]
+    header, body = results_table(rows)
     return ("<h2>Test leaderboard</h2>" + f'<p class="note">{html.escape(describe(settings))} Ranked by {metric}; the '
             "ensemble averages the ranked models' probabilities and gets its own threshold on val.</p>"
             + table(header, body, ["ensemble" if r["rank"] == ENSEMBLE else "" for r in rows])
-            + "<h3>Configurations</h3>" + table(config_cols, configs))
+            + "<h3>Configurations</h3>" + table(*configs_table(rows)))
 
 
 def curves_section(rows: list[dict], preds) -> str:
@@ -219,9 +205,7 @@ def gradcam_section(exp_dir: Path, rows: list[dict], preds, splits: Splits, coun
     for r in rows:  # the best-ranked model that has a feature map to explain
         if r["rank"] == ENSEMBLE:
             continue
-        folder = exp_dir / BEST_DIR / f"rank{r['rank']}_{r['trial_id']}"
-        meta = json.loads((folder / "meta.json").read_text())
-        model = load_model(folder, meta)
+        model, meta = load_ranked(exp_dir, r)
         if cam_layer(model, splits.image_size) is not None:
             break
     else:
