@@ -20,13 +20,14 @@ HERE = Path(__file__).resolve().parent
 PLANS = {
     "full": [["epoch_cost.py", "--epochs", "3"],
              ["startup.py", "--trials", "10", "--ddp-trials", "5"],
-             ["search_efficiency.py", "--epochs", "3"]],
+             ["search_efficiency.py", "--epochs", "3", "--repeats", "3"]],
     "quick": [["epoch_cost.py", "--epochs", "2", "--max-train", "1024"],
               ["startup.py", "--trials", "5", "--ddp-trials", "3", "--max-train", "1024"],
-              ["search_efficiency.py", "--epochs", "2", "--max-train", "1024"]],
+              ["search_efficiency.py", "--epochs", "2", "--max-train", "1024", "--quick", "--repeats", "3"]],
     "smoke": [["epoch_cost.py", "--epochs", "1", "--max-train", "256", "--model", "cnn_bn"],
               ["startup.py", "--trials", "2", "--ddp-trials", "2", "--max-train", "256"],
-              ["search_efficiency.py", "--quick", "--grid-points", "2", "--epochs", "1", "--max-train", "256"]],
+              ["search_efficiency.py", "--quick", "--grid-points", "2", "--epochs", "1", "--max-train", "256",
+               "--repeats", "2"]],
 }
 
 

@@ -47,6 +47,14 @@ def measure(trials: int, workers: int, data_cfg, splits, launcher: str = "train"
               "startup_s_median_after_first": median(startups[1:]) if len(startups) > 1 else None,
               "startup_s_first": startups[0] if startups else None,
               "startup_in_trial_fn_s_median": median(in_process),
+              # where it goes, from the trial function's start: Ray Train spawns the worker process, starts
+              # it (Ray Train and torch imported), hands it the train function; then ours runs to a batch
+              "startup_stages_s_median_after_first": {
+                  stage: median(r[key] for r in rows[1:])
+                  for stage, key in (("worker_spawned", "startup_worker_spawned_s"),
+                                     ("worker_ready", "startup_worker_ready_s"), ("first_batch", "startup_s"))
+                  if all(key in r for r in rows[1:])
+              } if len(rows) > 1 else {},
               # the whole sweep (Ray start and the leaderboard included) per trial, trials running side by side
               "sweep_wall_s_per_trial": run["wall_s"] / len(rows),
               "fixed_overhead_s_median": median(overheads), "train_seconds_median": median(r["train_seconds"] for r in rows),
@@ -55,6 +63,11 @@ def measure(trials: int, workers: int, data_cfg, splits, launcher: str = "train"
           f"{result['startup_s_median_after_first']:.2f} s (first {result['startup_s_first']:.2f} s); fixed overhead "
           f"per trial {result['fixed_overhead_s_median']:.2f} s vs {result['train_seconds_median']:.2f} s of training; "
           f"CPU busy {result['cpu_busy_pct_median']:.0f}%, training {result['training_share_of_cores_pct']:.0f}% of it")
+    stages = result["startup_stages_s_median_after_first"]
+    if "worker_ready" in stages:
+        print(f"  start-up stages (median after the first, from the trial function's start): Train worker process "
+              f"spawned {stages['worker_spawned']:.2f} s, ready to run our code {stages['worker_ready']:.2f} s, "
+              f"first batch {stages['first_batch']:.2f} s")
     return result
 
 

@@ -42,10 +42,12 @@ def start_ray() -> None:
     trial slots), so that each sweep's wall time is its trials' and not Ray's start-up."""
     import ray
 
-    from pneumo_ray.sweep import TRIAL_SLOT
+    from pneumo_ray.config import Config
+    from pneumo_ray.sweep import TRIAL_SLOT, job_env_vars
 
     if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), resources={TRIAL_SLOT: 2}, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=os.cpu_count(), resources={TRIAL_SLOT: 2}, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": job_env_vars(Config())})
 
 
 def run_sweep(cfg, splits, storage: str | None = None) -> dict:

@@ -53,6 +53,7 @@ class LocalSession:
     world_size: int = 1
     node_id: str = "local"
     started_at: float | None = None  # time.time() when the run began, to report start-up; None: don't
+    startup_marks: dict = field(default_factory=dict)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
@@ -100,6 +101,7 @@ class RaySession:
         self.diverged_file = diverged_file
         self._restored = None
         self.started_at = started_at  # time.time() at the trial's start, to report start-up
+        self.startup_marks: dict[str, float] = {}  # stage -> time.time(), reported as startup_<stage>_s
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         if self.inline:
@@ -138,6 +140,11 @@ def ray_train_worker(loop_config: dict) -> None:
     splits = ray.get(loop_config["splits_ref"])  # zero-copy numpy views from the object store
     session = RaySession(threads=max(1, int(cfg.resources.cpus_per_worker)), diverged_file=loop_config["diverged_file"],
                          started_at=loop_config.get("started_at"))
+    if "worker_ready_at" in loop_config:  # where a TorchTrainer trial's start-up goes, reported with epoch 1
+        import psutil  # a Ray dependency
+
+        session.startup_marks = {"worker_spawned": psutil.Process().create_time(),
+                                 "worker_ready": loop_config["worker_ready_at"]}
     fit(cfg, loop_config["params"], splits, session)
 
 
@@ -322,6 +329,7 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **where}  # Linux: KiB
         if epoch == start_epoch and started_at is not None:
             metrics["startup_s"] = epoch_started_at - started_at  # trial start -> its first training batch
+            metrics.update({f"startup_{stage}_s": at - started_at for stage, at in session.startup_marks.items()})
         if session.rank == 0:  # val is small; one rank evaluates it whole, the others wait at the report
             val, _ = evaluate(unwrap(model), splits.val_x, splits.val_y, mean, std, normalize, device, "val_",
                               cfg.train.eval_batch_size)

@@ -44,12 +44,13 @@ def ray_session():
     placement-group cleaner looks Ray up by address and gives up when it finds several on the machine."""
     import ray
 
-    from pneumo_ray.sweep import TRIAL_SLOT
+    from pneumo_ray.config import Config
+    from pneumo_ray.sweep import TRIAL_SLOT, job_env_vars
 
     tmp = _short_tmpdir("prs-")
     # As sweep.py starts a local Ray: the cores for training, plus slots for two trial coordinators.
     context = ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, _temp_dir=tmp, log_to_driver=False,
-                       runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}})
+                       runtime_env={"env_vars": job_env_vars(Config())})
     ray.dashboard_url_for_tests = f"http://{context.dashboard_url}"
     yield ray
     ray.shutdown()

@@ -66,22 +66,38 @@ def test_run_all_smoke_writes_every_result(tmp_path):
         assert 0 <= run["cpu_busy_pct_median"] <= 100
         assert 0 < run["training_share_of_cores_pct"] <= 100
         assert _positive(run["trial_peak_rss_mb_max"])
+        stages = run["startup_stages_s_median_after_first"]
+        if launcher == "train":  # Ray Train spawns the worker, starts it, then our code runs to the first batch
+            assert 0 < stages["worker_spawned"] < stages["worker_ready"] < stages["first_batch"]
+        else:
+            assert set(stages) == {"first_batch"}
+        assert _positive(stages["first_batch"])
     _check_targets(startup, {"single_startup<=3s", "inline_single_startup<=3s", "ddp_startup<=10s"})
 
     search = json.loads((results / "search_efficiency.json").read_text())
-    assert set(search["runs"]) == {"grid", "random", "tpe_asha"}
-    assert search["runs"]["grid"]["trials"] == 2  # --grid-points 2: each point once, nothing else
-    assert search["runs"]["grid"]["best_val_auc"] == search["grid_best_val_auc"]
-    for name, run in search["runs"].items():
-        assert run["trials"] >= 1, name
-        times = [t for t, _ in run["curve"]]
-        values = [v for _, v in run["curve"]]
-        assert times == sorted(times) and values == sorted(values)  # best-so-far only ever improves
-        assert 0 <= values[-1] <= 1 and values[-1] == run["best_val_auc"]
-        if run["time_to_grid_best_s"] is not None:
-            assert run["best_val_auc"] >= search["grid_best_val_auc"] - 1e-12
-    # random search and TPE get the grid's wall time, not more (plus the last trial's and Ray's wind-down)
-    assert search["runs"]["tpe_asha"]["wall_s"] < search["budget_s"] * 1.5 + 60
+    assert len(search["repeats"]) == 2 and [r["seed"] for r in search["repeats"]] == [0, 1]
+    for repeat in search["repeats"]:
+        runs = repeat["runs"]
+        assert set(runs) == {"grid", "random", "tpe_asha"}
+        assert runs["grid"]["trials"] == 2  # --grid-points 2: each point once, nothing else
+        assert runs["grid"]["best_val_auc"] == repeat["grid_best_val_auc"]
+        assert runs["grid"]["fraction_of_grid_time"] <= 1  # the grid reaches its own best within its time
+        for name, run in runs.items():
+            assert run["trials"] >= 1, name
+            times = [t for t, _ in run["curve"]]
+            values = [v for _, v in run["curve"]]
+            assert times == sorted(times) and values == sorted(values)  # best-so-far only ever improves
+            assert 0 <= values[-1] <= 1 and values[-1] == run["best_val_auc"]
+            if run["time_to_grid_best_s"] is not None:
+                assert run["best_val_auc"] >= repeat["grid_best_val_auc"] - 1e-12
+        # random search and TPE get the grid's wall time, not more (plus the last trial's and Ray's wind-down)
+        assert runs["tpe_asha"]["wall_s"] < repeat["budget_s"] * 1.5 + 60
+    for name, summary in search["summary"].items():
+        per_seed = [r["runs"][name] for r in search["repeats"]]
+        assert summary["best_val_auc_median"] == pytest.approx(sum(p["best_val_auc"] for p in per_seed) / 2)
+        assert summary["reached_grid_best"] == sum(p["time_to_grid_best_s"] is not None for p in per_seed)
+        if summary["reached_grid_best"] < 2:  # a seed that never got there makes the median "never"
+            assert summary["fraction_of_grid_time_median"] is None
     _check_targets(search, {"tpe_asha_reaches_grid_best_in<=25%", "cpu_busy>=90%"})
     png = (results / "search_efficiency.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
