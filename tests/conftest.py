@@ -62,6 +62,24 @@ def ray_address(ray_session) -> str:
     return ray_session.get_runtime_context().gcs_address
 
 
+def wait_for_free_cpus(ray, cpus: float, timeout_s: float = 180) -> None:
+    """Wait until the shared Ray has this many CPUs free. An earlier test's trial may still be giving back
+    its workers' placement group; a run that needs every core would otherwise sit out Ray Train's
+    worker-start timeout (600 s here) and fail with no hint of why."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while ray.available_resources().get("CPU", 0) < cpus:
+        if time.time() > deadline:
+            from ray.util import placement_group_table
+
+            held = [(pg_id[:8], pg["state"], pg["bundles"]) for pg_id, pg in placement_group_table().items()
+                    if pg["state"] != "REMOVED"]
+            pytest.fail(f"{ray.available_resources().get('CPU', 0)} of the {cpus} CPUs this test needs are free "
+                        f"after {timeout_s} s; placement groups still held: {held}")
+        time.sleep(0.5)
+
+
 def write_npz(path: Path, n=(64, 32, 32), size=28, seed=0, one_class_split: str | None = None) -> Path:
     from pneumo_ray.data import make_synthetic
 

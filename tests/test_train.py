@@ -9,6 +9,7 @@ import torch
 from pneumo_ray import config
 from pneumo_ray.data import load_splits
 from pneumo_ray.train import LocalSession, epoch_indices, fit, lr_factor
+from tests.conftest import wait_for_free_cpus
 
 PARAMS = {"model": "cnn_bn", "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 64,
           "class_weighting": "loss", "freeze_depth": 0}
@@ -113,6 +114,7 @@ def test_loss_falls_under_ray_train(ray_session, tmp_path, workers):
 
     cfg = small_cfg(epochs=3)
     splits = load_splits(cfg.data)
+    wait_for_free_cpus(ray_session, workers)  # 2 workers take both cores of the shared Ray
     trainer = TorchTrainer(
         ddp_probe_worker,
         train_loop_config={"cfg": cfg.to_dict(), "params": PARAMS, "splits_ref": ray_session.put(splits),
