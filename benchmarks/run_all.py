@@ -1,7 +1,7 @@
 """Run every benchmark, one process each, and print where the figures went.
 
-    python benchmarks/run_all.py            # full: whole train split, 24-point grid (about 40 min on 2 cores)
-    python benchmarks/run_all.py --quick    # under 10 min: a 1024-image train subset, fewer trials
+    python benchmarks/run_all.py            # full: whole train split, 24-point grid on 3 seeds (about 85 min on 2 cores)
+    python benchmarks/run_all.py --quick    # aims at under 10 min: train subsets, fewer trials, a 6-point grid
     python benchmarks/run_all.py --smoke    # the least work per benchmark, for the tests: checks they run
 
 Results: benchmarks/results/<name>.json (and search_efficiency.png), or $PNEUMO_BENCH_RESULTS.
@@ -22,8 +22,8 @@ PLANS = {
              ["startup.py", "--trials", "10", "--ddp-trials", "5"],
              ["search_efficiency.py", "--epochs", "3", "--repeats", "3"]],
     "quick": [["epoch_cost.py", "--epochs", "2", "--max-train", "1024"],
-              ["startup.py", "--trials", "5", "--ddp-trials", "3", "--max-train", "1024"],
-              ["search_efficiency.py", "--epochs", "2", "--max-train", "1024", "--quick", "--repeats", "3"]],
+              ["startup.py", "--trials", "4", "--ddp-trials", "2", "--max-train", "1024"],
+              ["search_efficiency.py", "--epochs", "2", "--max-train", "768", "--quick", "--repeats", "3"]],
     "smoke": [["epoch_cost.py", "--epochs", "1", "--max-train", "256", "--model", "cnn_bn"],
               ["startup.py", "--trials", "2", "--ddp-trials", "2", "--max-train", "256"],
               ["search_efficiency.py", "--quick", "--grid-points", "2", "--epochs", "1", "--max-train", "256",
