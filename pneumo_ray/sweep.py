@@ -203,7 +203,9 @@ def reuse_trial_processes(cfg: Config) -> bool:
     start-up per TorchTrainer trial, ~3.5 s per inline trial. A TorchTrainer trial's coordinator never
     touches a GPU; an inline trial on a GPU does, and a reused process would keep its cached GPU memory
     (Ray issue #32725), so that one process is not reused."""
-    return cfg.resources.launcher == "train" or float(cfg.resources.gpus_per_worker) == 0
+    # Not for TorchTrainer trials for now: with reuse, a sweep resumed after a killed driver ended one trial
+    # in ERROR once in CI (tests/test_faults.py); until that is understood, their process is not reused.
+    return cfg.resources.launcher == "inline" and float(cfg.resources.gpus_per_worker) == 0
 
 
 def job_env_vars(cfg: Config) -> dict[str, str]:
