@@ -201,8 +201,11 @@ def inline_run_config(cfg: Config) -> dict:
 def reuse_trial_processes(cfg: Config) -> bool:
     """An inline trial's process, with torch and the model code imported, serves the next trial: ~3.5 s
     saved per trial. Not on GPUs: a reused process would keep its cached GPU memory (Ray issue #32725).
-    TorchTrainer trials' processes would save ~1.4 s each, but with reuse a sweep resumed after a killed
-    driver ended one trial in ERROR once in CI (tests/test_faults.py): off until that is understood."""
+    Never for TorchTrainer trials, though it would save ~1.4 s each: Tune stops a trial (ASHA, or its
+    last epoch) while ``trainer.fit()`` still runs in it. Without reuse Tune kills that process, and Ray
+    ends its Train controller and workers with it; with reuse Tune waits only 2 s
+    (TUNE_FUNCTION_THREAD_TIMEOUT_S) for the function to return, then fails the next trial ("Trainable
+    runner reuse requires reset_config() ..."), and an early-stopped Train run would go on training."""
     return cfg.resources.launcher == "inline" and float(cfg.resources.gpus_per_worker) == 0
 
 

@@ -35,6 +35,11 @@ def reported_epochs(exp_dir: Path) -> dict[str, list[int]]:
     return out
 
 
+def trial_errors(exp_dir: Path) -> str:
+    """The tail of each errored trial's error.txt, so a failed assertion says why a trial failed."""
+    return "\n".join(f"{f.parent.name}: {f.read_text()[-1500:]}" for f in exp_dir.glob("tune_trial_*/error.txt"))
+
+
 def config_file(tmp_path: Path, **search) -> Path:
     raw = yaml.safe_load(SMOKE.read_text())
     raw["search"].update(search)
@@ -114,7 +119,7 @@ def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path, ray_
     resumed = run_cli(*args, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     statuses = trial_statuses(exp)
-    assert len(statuses) == 4 and set(statuses.values()) == {"TERMINATED"}
+    assert len(statuses) == 4 and set(statuses.values()) == {"TERMINATED"}, f"{statuses}\n{trial_errors(exp)}"
     for trial_id, epochs in epochs_before.items():
         assert reported_epochs(exp)[trial_id] == epochs, f"finished trial {trial_id} was run again"
     complete = [n for n, s in study_rows(exp) if s == "COMPLETE"]

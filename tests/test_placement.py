@@ -56,4 +56,4 @@ def test_inline_trials_reserve_the_workers_share_and_reuse_processes_only_on_cpu
     # an inline trial trains itself, so it takes the worker's CPU (and GPU share), not a coordinator slot
     assert trial_resources(cfg, {"CPU": 2, "GPU": 1, TRIAL_SLOT: 2}).bundles == [bundle]
     assert reuse_trial_processes(cfg) is reuse  # a reused process would keep its cached GPU memory
-    assert reuse_trial_processes(cfg_with(gpus_per_worker=gpus)) is False  # TorchTrainer trials: not for now
+    assert reuse_trial_processes(cfg_with(gpus_per_worker=gpus)) is False  # TorchTrainer trials: never
