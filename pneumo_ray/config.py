@@ -119,7 +119,7 @@ class ResourcesConfig:
     max_failures: int = 2  # worker-group restarts per trial, resumed from the last checkpoint
     worker_start_timeout_s: int = 600  # a restarted trial may wait this long for room (a lost node, autoscaling)
     # train: each trial is a Ray Train TorchTrainer run (DDP, worker restarts). inline: a 1-worker trial
-    # trains in its own Tune trial process, ~17 s less start-up per trial on 2 cores; Tune retries it on failure.
+    # trains in its own Tune trial process, ~20 s less start-up per trial on 2 cores; Tune retries it on failure.
     launcher: str = "train"
 
 
