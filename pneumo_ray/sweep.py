@@ -209,6 +209,16 @@ def reuse_trial_processes(cfg: Config) -> bool:
     return cfg.resources.launcher == "inline" and float(cfg.resources.gpus_per_worker) == 0
 
 
+def make_sampler(cfg: Config):
+    """The Optuna sampler, seeded by the experiment so a sweep can be repeated."""
+    import optuna
+
+    s = cfg.search
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.experiment.seed)
+    return optuna.samplers.TPESampler(seed=cfg.experiment.seed, n_startup_trials=s.startup_trials)
+
+
 def job_env_vars(cfg: Config) -> dict[str, str]:
     """Environment of every Ray process of a sweep.
     Train V2 gives up on a worker group that cannot start within 60 s; a trial retried after losing a
@@ -324,8 +334,7 @@ def run(prepared: Prepared, address: str | None = None):
             searcher = OptunaSearch(
                 space=DefineByRun(cfg), metric=s.metric, mode=mode,
                 points_to_evaluate=[dict(p) for p in s.initial_points] or None,
-                sampler=(optuna.samplers.TPESampler(seed=cfg.experiment.seed) if s.sampler == "tpe"
-                         else optuna.samplers.RandomSampler(seed=cfg.experiment.seed)),
+                sampler=make_sampler(cfg),
                 study_name=cfg.experiment.name, storage=optuna.storages.RDBStorage(storage_url))
             scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.asha.grace_period,
                                        reduction_factor=s.asha.reduction_factor)

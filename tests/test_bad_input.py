@@ -48,6 +48,7 @@ def run_main(capsys, *args) -> tuple[int, str]:
     ({"search__metric": "test_auc"}, "search.metric: unknown value 'test_auc'"),
     ({"data__source": "medmnist", "data__size": 100}, "data.size: PneumoniaMNIST comes in"),
     ({"search__sampler": "grid"}, "search.sampler: unknown value 'grid'; choose from tpe, random"),
+    ({"search__startup_trials": 0}, "search.startup_trials: must be >= 1"),
     ({"search__time_budget_s": 0}, "search.time_budget_s: must be a number of seconds > 0"),
     ({"resources__launcher": "ray"}, "resources.launcher: unknown value 'ray'; choose from train, inline"),
     ({"resources__launcher": "inline", "resources__workers_per_trial": 2},
