@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from pneumo_ray import config
 from pneumo_ray.data import load_splits
-from pneumo_ray.train import LocalSession, epoch_indices, fit, lr_factor
+from pneumo_ray.train import MODEL_FILE, LocalSession, epoch_indices, fit, lr_factor
 from tests.conftest import wait_for_free_cpus
 
 PARAMS = {"model": "cnn_bn", "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 64,
@@ -102,6 +106,9 @@ def ddp_probe_worker(loop_config: dict) -> None:
     cfg = config.from_dict(loop_config["cfg"])
     splits = ray.get(loop_config["splits_ref"])
     session = RaySession(threads=1)
+    staging = Path(tempfile.gettempdir())  # where RaySession stages each checkpoint before Ray uploads it
+    Path(loop_config["out"], f"staging{session.rank}.json").write_text(
+        json.dumps({"dir": str(staging), "before": sorted(p.name for p in staging.glob("pneumo-ckpt-*"))}))
     model = fit(cfg, loop_config["params"], splits, session)
     torch.save(model.state_dict(), f"{loop_config['out']}/rank{session.rank}.pt")
 
@@ -125,6 +132,13 @@ def test_loss_falls_under_ray_train(ray_session, tmp_path, workers):
     result = trainer.fit()
     reports = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
     assert [m["epoch"] for m in reports] == [1, 2, 3]
+    # checkpoints upload in the background (ASYNC): every one is in storage when fit() returns, and its
+    # staging folder is gone
+    for checkpoint, _ in result.best_checkpoints:
+        assert (Path(checkpoint.path) / MODEL_FILE).is_file()
+    for r in range(workers):
+        staging = json.loads((tmp_path / f"staging{r}.json").read_text())
+        assert {p.name for p in Path(staging["dir"]).glob("pneumo-ckpt-*")} <= set(staging["before"])
     assert reports[-1]["train_loss"] < 0.7 * reports[0]["train_loss"]
     assert reports[-1]["val_auc"] > 0.8
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers)]
