@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -50,6 +51,12 @@ def test_run_all_smoke_writes_every_result(tmp_path):
         assert variant["train_images"] == 256
     for ratio in epoch["ratios"].values():
         assert _positive(ratio)
+    # plain and ray1 ran alternately, twice each; their ratio is the median (here: mean) of the two pairs
+    assert epoch["pairs"] == 2 and len(epoch["ray1_over_plain_pair_ratios"]) == 2
+    assert epoch["ratios"]["ray1_over_plain_epoch_time"] == pytest.approx(
+        statistics.median(epoch["ray1_over_plain_pair_ratios"]), rel=1e-3)
+    for name in ("plain", "ray1"):
+        assert len(epoch["variants"][name]["epoch_s_per_run"]) == 2
     assert _positive(epoch["data_pipeline"]["ratio"])
     _check_targets(epoch, {"ray1_over_plain_epoch_time<=1.05", "pipeline_ratio>=3", "resnet18_images_per_s>=375"})
 
