@@ -209,19 +209,19 @@ def main() -> None:
 
     # plain and ray1 alternate, pair by pair, and swap order every pair: this machine drifts by up to
     # ±10% between runs of the same work, more than the 5% the ray1/plain target allows
+    paired = {"plain": lambda: run_plain(args.model, epochs, splits),
+              "ray1": lambda: under_ray(lambda: run_ray(args.model, epochs, splits, 1))}
     pairs: list[dict] = []
+    pair_ratios: list[float] = []
     for i in range(args.pairs):
-        pair = {}
-        for name in (("plain", "ray1") if i % 2 == 0 else ("ray1", "plain")):
-            pair[name] = (run_plain(args.model, epochs, splits) if name == "plain"
-                          else under_ray(lambda: run_ray(args.model, epochs, splits, 1)))
-        print(f"[pair {i + 1}] plain {pair['plain']['epoch_s']:.2f} s, ray1 {pair['ray1']['epoch_s']:.2f} s: "
-              f"{pair['ray1']['epoch_s'] / pair['plain']['epoch_s']:.3f}", flush=True)
+        pair = {name: paired[name]() for name in (("plain", "ray1") if i % 2 == 0 else ("ray1", "plain"))}
         pairs.append(pair)
-    results = {name: merge_runs([p[name] for p in pairs]) for name in ("plain", "ray1")}
+        pair_ratios.append(pair["ray1"]["epoch_s"] / pair["plain"]["epoch_s"])
+        print(f"[pair {i + 1}] plain {pair['plain']['epoch_s']:.2f} s, ray1 {pair['ray1']['epoch_s']:.2f} s: "
+              f"{pair_ratios[-1]:.3f}", flush=True)
+    results = {name: merge_runs([p[name] for p in pairs]) for name in paired}
     results["seed"] = run_seed(args.model, epochs, splits, args.seed_loader_workers)
     results["ray2"] = under_ray(lambda: run_ray(args.model, epochs, splits, 2))
-    pair_ratios = [p["ray1"]["epoch_s"] / p["plain"]["epoch_s"] for p in pairs]
     for name in ("plain", "ray1", "ray2", "seed"):
         r = results[name]
         print(f"[{name:5s}] epoch {r['epoch_s']:.2f} s  train {r['images_per_s']:.0f} img/s  (epochs {r['epoch_s_all']})")
