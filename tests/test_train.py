@@ -12,7 +12,8 @@ import torch
 
 from pneumo_ray import config
 from pneumo_ray.data import load_splits
-from pneumo_ray.train import MODEL_FILE, LocalSession, epoch_indices, fit, lr_factor
+from pneumo_ray.models import build_model
+from pneumo_ray.train import MODEL_FILE, LocalSession, epoch_indices, fit, lr_factor, make_optimizer
 from tests.conftest import wait_for_free_cpus
 
 PARAMS = {"model": "cnn_bn", "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 64,
@@ -92,6 +93,35 @@ def test_lr_schedule_warms_up_then_decays_and_holds_body_during_head_warmup():
     assert factors[20] > factors[60] > factors[99] >= 0
     assert [lr_factor(s, 10, cfg, is_head=False) for s in range(10)] == [0.0] * 10
     assert lr_factor(10, 10, cfg, is_head=False) == factors[10]
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_fused_optimizer_steps_as_the_reference_one(name):
+    """make_optimizer's fused kernels must keep every group's hyperparameters: three steps of it
+    and of torch's plain per-parameter optimizer, built from the same groups, end at the same weights."""
+    params = {**PARAMS, "optimizer": name, "weight_decay": 0.05}
+    torch.manual_seed(0)
+    fused_model = build_model("cnn_bn", 28)
+    reference_model = build_model("cnn_bn", 28)
+    reference_model.load_state_dict(fused_model.state_dict())
+    initial = [p.detach().clone() for p in fused_model.parameters()]
+    fused = make_optimizer(fused_model, params, small_cfg())
+    assert all(g["fused"] for g in fused.param_groups)
+    assert {g["weight_decay"] for g in fused.param_groups} == {0.0, 0.05}  # norms and biases get none
+    by_id = {id(p): i for i, p in enumerate(fused_model.parameters())}
+    reference_params = list(reference_model.parameters())
+    reference = type(fused)([{**{k: v for k, v in g.items() if k not in ("params", "fused")},
+                              "params": [reference_params[by_id[id(p)]] for p in g["params"]]}
+                             for g in fused.param_groups], fused=False)
+    for _ in range(3):
+        for p, q in zip(fused_model.parameters(), reference_params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        reference.step()
+    for p, q in zip(fused_model.parameters(), reference_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(p, p0) for p, p0 in zip(fused_model.parameters(), initial))  # every weight moved
 
 
 # --------------------------------------------------------------------------- under Ray Train
