@@ -20,14 +20,17 @@ HERE = Path(__file__).resolve().parent
 PLANS = {
     "full": [["epoch_cost.py", "--epochs", "3"],
              ["startup.py", "--trials", "10", "--ddp-trials", "5"],
-             ["search_efficiency.py", "--epochs", "3", "--repeats", "3"]],
+             ["search_efficiency.py", "--epochs", "3", "--repeats", "3"],
+             ["ray_background.py"]],
     "quick": [["epoch_cost.py", "--epochs", "2", "--max-train", "1024", "--pairs", "2"],  # with 3 pairs the whole --quick took 590 s
               ["startup.py", "--trials", "4", "--ddp-trials", "2", "--max-train", "1024"],
-              ["search_efficiency.py", "--epochs", "2", "--max-train", "768", "--quick", "--repeats", "3"]],
+              ["search_efficiency.py", "--epochs", "2", "--max-train", "768", "--quick", "--repeats", "3"],
+              ["ray_background.py", "--rounds", "4"]],
     "smoke": [["epoch_cost.py", "--epochs", "1", "--max-train", "256", "--model", "cnn_bn", "--pairs", "2"],
               ["startup.py", "--trials", "2", "--ddp-trials", "2", "--max-train", "256"],
               ["search_efficiency.py", "--quick", "--grid-points", "2", "--epochs", "1", "--max-train", "256",
-               "--repeats", "2"]],
+               "--repeats", "2"],
+              ["ray_background.py", "--model", "cnn_bn", "--rounds", "2", "--steps", "2", "--max-train", "256"]],
 }
 
 

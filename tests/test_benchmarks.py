@@ -37,7 +37,7 @@ def test_run_all_smoke_writes_every_result(tmp_path):
     # the committed figures are left alone
     assert {p.name: p.stat().st_mtime for p in (ROOT / "benchmarks" / "results").glob("*")} == committed
 
-    for name in ("epoch_cost", "startup", "search_efficiency"):
+    for name in ("epoch_cost", "startup", "search_efficiency", "ray_background"):
         result = json.loads((results / f"{name}.json").read_text())
         assert result["benchmark"] == name
         assert isinstance(result["data"], str) and "28px" in result["data"]  # says which data it measured
@@ -108,3 +108,14 @@ def test_run_all_smoke_writes_every_result(tmp_path):
     _check_targets(search, {"tpe_asha_reaches_grid_best_in<=25%", "cpu_busy>=90%"})
     png = (results / "search_efficiency.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    background = json.loads((results / "ray_background.json").read_text())
+    assert set(background["variants"]) == {"running", "helpers_paused", "all_paused"}
+    for variant in background["variants"].values():
+        assert len(variant["images_per_s_all"]) == 2 and all(_positive(s) for s in variant["images_per_s_all"])
+        assert _positive(variant["over_running_paired"])
+    assert background["variants"]["running"]["over_running_paired"] == 1
+    # it paused Ray Train's controller and Ray's own daemons, and resumed every one after each block
+    assert "ray::TrainController" in background["paused"]["helpers"]
+    assert {"raylet", "gcs_server"} <= set(background["paused"]["daemons"])
+    assert background["all_resumed"] is True
