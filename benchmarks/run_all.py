@@ -1,7 +1,7 @@
 """Run every benchmark, one process each, and print where the figures went.
 
     python benchmarks/run_all.py            # full: whole train split, 24-point grid on 3 seeds (about 90 min on 2 cores)
-    python benchmarks/run_all.py --quick    # under 10 min (544 s here): train subsets, fewer trials, a 6-point grid
+    python benchmarks/run_all.py --quick    # under 10 min (536 s here): train subsets, fewer trials, a 6-point grid
     python benchmarks/run_all.py --smoke    # the least work per benchmark, for the tests: checks they run
 
 Results: benchmarks/results/<name>.json (and search_efficiency.png), or $PNEUMO_BENCH_RESULTS.
@@ -22,10 +22,10 @@ PLANS = {
              ["startup.py", "--trials", "10", "--ddp-trials", "5"],
              ["search_efficiency.py", "--epochs", "3", "--repeats", "3"],
              ["ray_background.py"]],
+    # quick leaves ray_background.py out: with it (--rounds 4) the whole --quick took 587 s, too close to 10 min
     "quick": [["epoch_cost.py", "--epochs", "2", "--max-train", "1024", "--pairs", "2"],  # with 3 pairs the whole --quick took 590 s
               ["startup.py", "--trials", "4", "--ddp-trials", "2", "--max-train", "1024"],
-              ["search_efficiency.py", "--epochs", "2", "--max-train", "768", "--quick", "--repeats", "3"],
-              ["ray_background.py", "--rounds", "4"]],
+              ["search_efficiency.py", "--epochs", "2", "--max-train", "768", "--quick", "--repeats", "3"]],
     "smoke": [["epoch_cost.py", "--epochs", "1", "--max-train", "256", "--model", "cnn_bn", "--pairs", "2"],
               ["startup.py", "--trials", "2", "--ddp-trials", "2", "--max-train", "256"],
               ["search_efficiency.py", "--quick", "--grid-points", "2", "--epochs", "1", "--max-train", "256",
