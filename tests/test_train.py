@@ -124,6 +124,34 @@ def test_fused_optimizer_steps_as_the_reference_one(name):
     assert all(not torch.equal(p, p0) for p, p0 in zip(fused_model.parameters(), initial))  # every weight moved
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_fused_optimizer_under_grad_scaler_skips_inf_steps(name):
+    """fit's AMP sequence (scale, unscale_ for clipping, step, update) with the fused kernels, run on CPU's
+    GradScaler: a finite step moves the weights, a step with inf gradients leaves them and halves the scale."""
+    torch.manual_seed(0)
+    model = build_model("cnn_bn", 28)
+    optimizer = make_optimizer(model, {**PARAMS, "optimizer": name}, small_cfg())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 2, (8,))
+
+    def step(scale_loss_by: float) -> list[torch.Tensor]:
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(torch.nn.functional.cross_entropy(model(x), y) * scale_loss_by).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        return before
+
+    before = step(1.0)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert scaler.get_scale() == 1024.0
+    before = step(float("inf"))
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert scaler.get_scale() == 512.0
+
+
 # --------------------------------------------------------------------------- under Ray Train
 
 
