@@ -46,6 +46,15 @@ def send(processes, sig) -> None:
             pass
 
 
+def is_stopped(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_STOPPED
+    except psutil.NoSuchProcess:
+        return False
+
+
 def train_fn(config: dict) -> None:
     """The Train worker: blocks of the project's training steps, the rest of Ray running or paused."""
     import time
@@ -97,7 +106,7 @@ def train_fn(config: dict) -> None:
             return block()
         finally:
             send(group, signal.SIGCONT)
-            all_resumed &= all(p.status() != psutil.STATUS_STOPPED for p in group if p.is_running())
+            all_resumed &= not any(is_stopped(p) for p in group)
 
     block()  # warm-up
     speeds: dict[str, list[float]] = {state: [] for state in STATES}
