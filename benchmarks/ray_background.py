@@ -22,6 +22,7 @@ import signal
 import tempfile
 from pathlib import Path
 
+import psutil
 from common import data_config, median, write_result
 
 BATCH = 128
@@ -37,8 +38,6 @@ def label(process) -> str:
 
 
 def send(processes, sig) -> None:
-    import psutil
-
     for p in processes:
         try:
             p.send_signal(sig)
@@ -47,8 +46,6 @@ def send(processes, sig) -> None:
 
 
 def is_stopped(process) -> bool:
-    import psutil
-
     try:
         return process.status() == psutil.STATUS_STOPPED
     except psutil.NoSuchProcess:
@@ -59,7 +56,6 @@ def train_fn(config: dict) -> None:
     """The Train worker: blocks of the project's training steps, the rest of Ray running or paused."""
     import time
 
-    import psutil
     import ray
     import torch
     import torch.nn.functional as F
@@ -127,7 +123,6 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=None)
     args = parser.parse_args()
 
-    import psutil
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
