@@ -73,16 +73,15 @@ def run_plain(model: str, epochs: int, splits) -> dict:
 def run_ray(model: str, epochs: int, splits, workers: int) -> dict:
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from pneumo_ray.sweep import scaling_config
+    from pneumo_ray.sweep import scaling_config, torch_trainer
     from pneumo_ray.train import META_FILE, ray_train_worker
 
     cores = os.cpu_count()
     cfg, params = trial_config(model, epochs, cores / workers, workers)
     cfg.resources.gpus_per_worker = 0.0
     with tempfile.TemporaryDirectory() as storage:
-        trainer = TorchTrainer(
+        trainer = torch_trainer(  # a sweep's trainer, as Ray Train runs it
             ray_train_worker,
             train_loop_config={"cfg": cfg.to_dict(), "params": params, "splits_ref": ray.put(splits),
                                "diverged_file": None, "started_at": time.time()},
@@ -192,6 +191,9 @@ def main() -> None:
 
     import ray
 
+    from pneumo_ray.config import Config
+    from pneumo_ray.sweep import start_local_ray
+
     _, splits, data_kind = data_config(args.max_train)
     epochs = args.epochs + 2  # one warm-up epoch, and one more start time to close the last measured epoch
     gflops = matmul_gflops()
@@ -201,7 +203,7 @@ def main() -> None:
           f"{pipeline['seed_pil_images_per_s']:.0f} img/s: {pipeline['ratio']:.1f}x")
 
     def under_ray(run):
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        start_local_ray(Config(), log_to_driver=False)  # the Ray a local sweep runs on, dashboard included
         try:
             return run()
         finally:

@@ -4,7 +4,7 @@ blocks that alternate between three states of the rest of Ray:
   running          everything as in a sweep
   helpers_paused   Ray Train's per-run helper actors (controller, SynchronizationActor, ...) and any other
                    Ray worker process paused with SIGSTOP
-  all_paused       those and Ray's daemons (raylet, GCS, agents, log monitor) paused
+  all_paused       those and Ray's daemons (raylet, GCS, dashboard, agents, log monitor) paused
 
 Blocks are a few seconds each and alternate round by round, so the machine's slow drift cancels out in the
 paired ratios. Only this script's own Ray is touched: what it pauses are descendants of this process, and
@@ -32,7 +32,7 @@ STATES = ("running", "helpers_paused", "all_paused")
 def label(process) -> str:
     """'ray::TrainController' for a Ray worker process, else the daemon's program or script name."""
     cmd = process.cmdline()
-    if cmd and cmd[0].startswith("ray::"):
+    if cmd and cmd[0].startswith(("ray::", "ray-dashboard-")):  # titles Ray sets: 'ray-dashboard-JobHead-0 (...)'
         return cmd[0].split()[0].split(".")[0]
     return os.path.basename(next((c for c in cmd[1:] if c.endswith(".py")), cmd[0] if cmd else process.name()))
 
@@ -125,15 +125,17 @@ def main() -> None:
 
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
+
+    from pneumo_ray.config import Config
+    from pneumo_ray.sweep import start_local_ray, torch_trainer
 
     _, splits, data_kind = data_config(args.max_train)
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    start_local_ray(Config(), log_to_driver=False)  # the Ray a local sweep runs on, dashboard included
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch, "speeds.json")
         try:
-            TorchTrainer(
+            torch_trainer(  # a sweep's trainer
                 train_fn,
                 train_loop_config={"splits_ref": ray.put(splits), "model": args.model, "rounds": args.rounds,
                                    "steps": args.steps, "threads": cores, "driver_pid": os.getpid(), "out": str(out)},

@@ -38,16 +38,16 @@ class CpuSampler:
 
 
 def start_ray() -> None:
-    """One local Ray for all the sweeps of a benchmark, started as sweep.py starts it (all cores, two
-    trial slots), so that each sweep's wall time is its trials' and not Ray's start-up."""
+    """One local Ray for all the sweeps of a benchmark, the one sweep.py starts (all cores, two trial
+    slots, the dashboard), so that each sweep's wall time is its trials' and not Ray's start-up. Only the
+    trials' console output stays here."""
     import ray
 
     from pneumo_ray.config import Config
-    from pneumo_ray.sweep import TRIAL_SLOT, job_env_vars
+    from pneumo_ray.sweep import start_local_ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), resources={TRIAL_SLOT: 2}, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": job_env_vars(Config())})
+        start_local_ray(Config(), log_to_driver=False)
 
 
 def run_sweep(cfg, splits, storage: str | None = None) -> dict:

@@ -142,12 +142,11 @@ def tune_trial(params: dict, cfg_dict: dict, splits_holder: dict) -> None:
 def train_trial(cfg: Config, params: dict, splits_holder: dict, trial_id: str, diverged_file: str,
                 started_at: float) -> None:
     import ray.train
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     r = cfg.resources
     metric = cfg.search.metric
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "params": dict(params), "splits_ref": splits_holder["ref"],
                            "diverged_file": diverged_file, "started_at": started_at},
@@ -163,6 +162,27 @@ def train_trial(cfg: Config, params: dict, splits_holder: dict, trial_id: str, d
         ),
     )
     trainer.fit()
+
+
+def torch_trainer(train_fn, **kwargs):
+    """Ray Train's TorchTrainer, less the DatasetManager actor that Train V2 starts for every run, Ray
+    Datasets or not. pneumo-ray's runs pass none (their data travels in the object store), and that actor
+    is one more process, importing Ray Data, started just as the worker starts: about 1.5 s of a trial's
+    start-up on 2 cores (README, Performance). A run given datasets keeps it. It reaches into a private
+    hook; on a Ray without it, this is the plain TorchTrainer (tests/test_train.py checks the actor is gone)."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    except ImportError:
+        return TorchTrainer(train_fn, **kwargs)
+
+    class TorchTrainerWithoutIdleDatasetManager(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return TorchTrainerWithoutIdleDatasetManager(train_fn, **kwargs)
 
 
 def train_worker(loop_config: dict) -> None:
@@ -219,14 +239,19 @@ def make_sampler(cfg: Config):
     return optuna.samplers.TPESampler(seed=cfg.experiment.seed, n_startup_trials=s.startup_trials)
 
 
-def job_env_vars(cfg: Config) -> dict[str, str]:
-    """Environment of every Ray process of a sweep.
+def job_env_vars(cfg: Config, local: bool = False) -> dict[str, str]:
+    """Environment of every Ray process of a sweep; ``local`` for the Ray a sweep starts on this machine.
     Train V2 gives up on a worker group that cannot start within 60 s; a trial retried after losing a
     node, or waiting for the autoscaler, needs longer. Its controller polls workers every 2 s, so a
     finished trial lingers up to 2 s before Tune can start the next: 0.5 s saves ~1.5 s per trial
-    (a user's own RAY_TRAIN_HEALTH_CHECK_INTERVAL_S wins)."""
-    return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(cfg.resources.worker_start_timeout_s),
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
+    (a user's own RAY_TRAIN_HEALTH_CHECK_INTERVAL_S wins). On one machine no node can be preempted, so
+    the PreemptionWatcher actor Train starts for every run is one process too many: about 1.5 s of a trial's
+    start-up on 2 cores. A cluster keeps it (spot nodes)."""
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(cfg.resources.worker_start_timeout_s),
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
+    if local:
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    return env
 
 
 def resolve_gpus(cfg: Config, cluster_resources: dict) -> None:
@@ -251,6 +276,19 @@ def trial_resources(cfg: Config, cluster_resources: dict):
     return tune.PlacementGroupFactory([{"CPU": 1}])
 
 
+def start_local_ray(cfg: Config, log_to_driver: bool = True) -> None:
+    """Ray on this machine, as a sweep without --address starts it (the benchmarks start the same one):
+    every core for training, one TRIAL_SLOT per concurrent trial for the trials' coordinators, and the
+    dashboard on loopback only. The dashboard stays on because Train V2's placement-group cleaner asks
+    its state API whether a stopped trial's controller is gone; without it an ASHA-stopped trial keeps
+    its cores reserved."""
+    import ray
+
+    ray.init(num_cpus=os.cpu_count() or 1, resources={TRIAL_SLOT: cfg.search.max_concurrent_trials},
+             dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
+             runtime_env={"env_vars": job_env_vars(cfg, local=True)})
+
+
 def _init_ray(cfg: Config, address: str | None) -> int:
     """Connect to a cluster, or start a local Ray. Returns the number of trials that can run at once."""
     import ray
@@ -258,13 +296,11 @@ def _init_ray(cfg: Config, address: str | None) -> int:
     s, r = cfg.search, cfg.resources
     if ray.is_initialized():  # a caller (a test session, a notebook) already runs Ray: use it as it is
         return s.max_concurrent_trials
-    runtime_env = {"env_vars": job_env_vars(cfg)}
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env={"env_vars": job_env_vars(cfg)})
         return s.max_concurrent_trials
+    start_local_ray(cfg)
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=cores, resources={TRIAL_SLOT: s.max_concurrent_trials}, dashboard_host="127.0.0.1",
-             runtime_env=runtime_env)
     per_trial = r.workers_per_trial * r.cpus_per_worker
     fits = max(1, math.floor(cores / per_trial + 1e-9))
     if fits < s.max_concurrent_trials:

@@ -50,7 +50,7 @@ def ray_session():
     tmp = _short_tmpdir("prs-")
     # As sweep.py starts a local Ray: the cores for training, plus slots for two trial coordinators.
     context = ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, _temp_dir=tmp, log_to_driver=False,
-                       runtime_env={"env_vars": job_env_vars(Config())})
+                       runtime_env={"env_vars": job_env_vars(Config(), local=True)})
     ray.dashboard_url_for_tests = f"http://{context.dashboard_url}"
     yield ray
     ray.shutdown()

@@ -175,12 +175,14 @@ def ddp_probe_worker(loop_config: dict) -> None:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_loss_falls_under_ray_train(ray_session, tmp_path, workers):
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.util.state import list_actors
+
+    from pneumo_ray.sweep import torch_trainer
 
     cfg = small_cfg(epochs=3)
     splits = load_splits(cfg.data)
     wait_for_free_cpus(ray_session, workers)  # 2 workers take both cores of the shared Ray
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         ddp_probe_worker,
         train_loop_config={"cfg": cfg.to_dict(), "params": PARAMS, "splits_ref": ray_session.put(splits),
                            "out": str(tmp_path)},
@@ -199,6 +201,12 @@ def test_loss_falls_under_ray_train(ray_session, tmp_path, workers):
         assert {p.name for p in Path(staging["dir"]).glob("pneumo-ckpt-*")} <= set(staging["before"])
     assert reports[-1]["train_loss"] < 0.7 * reports[0]["train_loss"]
     assert reports[-1]["val_auc"] > 0.8
+    # Ray Train's actors in this test's job (dead ones included): the controller, and none of the two helpers a
+    # local pneumo-ray run leaves out (no Ray Datasets to manage, no spot node to be preempted on one machine)
+    job = ray_session.get_runtime_context().get_job_id()
+    started = {a.class_name for a in list_actors(filters=[("job_id", "=", job)], limit=10_000, detail=False)}
+    assert "TrainController" in started
+    assert not started & {"DatasetManager", "PreemptionWatcher"}, started
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers)]
     if workers == 2:
         for key in states[0]:
