@@ -23,6 +23,14 @@ def study_states(exp_dir: Path) -> list[str]:
         return [row[0] for row in db.execute("SELECT state FROM trials ORDER BY number")]
 
 
+def study_states_so_far(exp_dir: Path) -> list[str]:
+    """study_states while the driver runs: the file can exist a moment before Optuna has made its tables."""
+    try:
+        return study_states(exp_dir) if (exp_dir / "optuna.db").exists() else []
+    except sqlite3.OperationalError:
+        return []
+
+
 def terminated_trials(exp_dir: Path) -> set[str]:
     return {t for t, status in trial_statuses(exp_dir).items() if status == "TERMINATED"}
 
@@ -83,7 +91,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, r
     driver = start_driver(*args, log=log)
     deadline = time.time() + 300
     while time.time() < deadline:  # interrupt once the first trial has finished
-        if (exp / "optuna.db").exists() and "COMPLETE" in study_states(exp):
+        if "COMPLETE" in study_states_so_far(exp):
             break
         time.sleep(1)
     else:
