@@ -276,17 +276,17 @@ def trial_resources(cfg: Config, cluster_resources: dict):
     return tune.PlacementGroupFactory([{"CPU": 1}])
 
 
-def start_local_ray(cfg: Config, log_to_driver: bool = True) -> None:
-    """Ray on this machine, as a sweep without --address starts it (the benchmarks start the same one):
-    every core for training, one TRIAL_SLOT per concurrent trial for the trials' coordinators, and the
-    dashboard on loopback only. The dashboard stays on because Train V2's placement-group cleaner asks
-    its state API whether a stopped trial's controller is gone; without it an ASHA-stopped trial keeps
-    its cores reserved."""
+def start_local_ray(cfg: Config, log_to_driver: bool = True, num_cpus: int | None = None, **init_kwargs):
+    """Ray on this machine, as a sweep without --address starts it (the benchmarks and the test session
+    start the same one): every core for training, one TRIAL_SLOT per concurrent trial for the trials'
+    coordinators, and the dashboard on loopback only. The dashboard stays on because Train V2's
+    placement-group cleaner asks its state API whether a stopped trial's controller is gone; without it
+    an ASHA-stopped trial keeps its cores reserved. Returns ray.init's context."""
     import ray
 
-    ray.init(num_cpus=os.cpu_count() or 1, resources={TRIAL_SLOT: cfg.search.max_concurrent_trials},
-             dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
-             runtime_env={"env_vars": job_env_vars(cfg, local=True)})
+    return ray.init(num_cpus=num_cpus or os.cpu_count() or 1, resources={TRIAL_SLOT: cfg.search.max_concurrent_trials},
+                    dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
+                    runtime_env={"env_vars": job_env_vars(cfg, local=True)}, **init_kwargs)
 
 
 def _init_ray(cfg: Config, address: str | None) -> int:

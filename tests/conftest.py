@@ -45,12 +45,11 @@ def ray_session():
     import ray
 
     from pneumo_ray.config import Config
-    from pneumo_ray.sweep import TRIAL_SLOT, job_env_vars
+    from pneumo_ray.sweep import start_local_ray
 
     tmp = _short_tmpdir("prs-")
-    # As sweep.py starts a local Ray: the cores for training, plus slots for two trial coordinators.
-    context = ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, _temp_dir=tmp, log_to_driver=False,
-                       runtime_env={"env_vars": job_env_vars(Config(), local=True)})
+    # The Ray sweep.py starts locally: 2 cores for training, plus slots for two trial coordinators.
+    context = start_local_ray(Config(), log_to_driver=False, num_cpus=2, _temp_dir=tmp)
     ray.dashboard_url_for_tests = f"http://{context.dashboard_url}"
     yield ray
     ray.shutdown()

@@ -35,6 +35,21 @@ def reported_epochs(exp_dir: Path) -> dict[str, list[int]]:
     return out
 
 
+def checkpointed_epoch(exp_dir: Path) -> int:
+    """The newest epoch a trial can restart from: for a TorchTrainer trial, the newest checkpoint its
+    Train controller has registered (seconds before the epoch reaches Tune's result.json); for an inline
+    trial, the last epoch Tune recorded, since Tune restores from the checkpoint of that result."""
+    epochs = [0]
+    for snapshot in exp_dir.glob("train_runs/*/checkpoint_manager_snapshot.json"):
+        try:
+            epochs.append(json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"])
+        except (ValueError, KeyError, TypeError):  # being written, or no checkpoint yet
+            pass
+    if not epochs[1:]:
+        epochs += [e[-1] for e in reported_epochs(exp_dir).values() if e]
+    return max(epochs)
+
+
 def trial_errors(exp_dir: Path) -> str:
     """The tail of each errored trial's error.txt, so a failed assertion says why a trial failed."""
     return "\n".join(f"{f.parent.name}: {f.read_text()[-1500:]}" for f in exp_dir.glob("tune_trial_*/error.txt"))
@@ -62,24 +77,25 @@ def wait_for(condition, timeout: float, what: str, driver: subprocess.Popen, log
 
 
 def kill_mid_trial(tmp_path: Path, cfg: Path, name: str, address: str, is_target) -> tuple[int, list[int], float]:
-    """Run a 1-trial, 8-epoch sweep; once it has reported an epoch, SIGKILL the first live actor that
-    ``is_target(actor)`` picks (found through Ray's state API). Checks that the trial went on from its
+    """Run a 1-trial, 8-epoch sweep; once it has saved a checkpoint, SIGKILL the live actor of this sweep
+    that ``is_target(actor)`` picks (found through Ray's state API). Checks that the trial went on from its
     checkpoint and the sweep completed; returns (epochs before the kill, epochs reported, seconds to finish)."""
     from ray.util.state import list_actors
 
+    def live_targets():
+        return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000) if is_target(a)]
+
     exp = tmp_path / name
     log = tmp_path / "driver.log"
+    earlier = {a.actor_id for a in live_targets()}  # another sweep's actors, still shutting down
     driver = start_driver("--config", str(cfg), "--storage", str(tmp_path), "--name", name,
                           "--epochs", "8", "--address", address, log=log)
-
-    def target_after_first_checkpoint():
-        if not any(e and e[-1] >= 1 for e in reported_epochs(exp).values()):
-            return None
-        alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if is_target(a)]
-        return alive[0] if alive else None
-
-    actor = wait_for(target_after_first_checkpoint, 240, "a trial past epoch 1", driver, log)
-    killed_after = max(e[-1] for e in reported_epochs(exp).values() if e)
+    # Find the actor first and kill it the moment a checkpoint is saved: a state-API call after that
+    # could take longer, under load, than the trial's remaining epochs (about 1 s each).
+    actor = wait_for(lambda: next((a for a in live_targets() if a.actor_id not in earlier), None), 240,
+                     "the trial's actor", driver, log)
+    killed_after = wait_for(lambda: checkpointed_epoch(exp), 240, "a checkpoint", driver, log)
+    assert killed_after < 8, "the trial finished before the test could kill it"
     killed_at = time.time()
     os.kill(actor.pid, signal.SIGKILL)
     assert driver.wait(timeout=400) == 0, log.read_text()[-3000:]
