@@ -39,15 +39,13 @@ def checkpointed_epoch(exp_dir: Path) -> int:
     """The newest epoch a trial can restart from: for a TorchTrainer trial, the newest checkpoint its
     Train controller has registered (seconds before the epoch reaches Tune's result.json); for an inline
     trial, the last epoch Tune recorded, since Tune restores from the checkpoint of that result."""
-    epochs = [0]
+    registered = []
     for snapshot in exp_dir.glob("train_runs/*/checkpoint_manager_snapshot.json"):
         try:
-            epochs.append(json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"])
+            registered.append(json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"])
         except (ValueError, KeyError, TypeError):  # being written, or no checkpoint yet
             pass
-    if not epochs[1:]:
-        epochs += [e[-1] for e in reported_epochs(exp_dir).values() if e]
-    return max(epochs)
+    return max(registered or [e[-1] for e in reported_epochs(exp_dir).values() if e], default=0)
 
 
 def trial_errors(exp_dir: Path) -> str:
