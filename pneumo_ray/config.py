@@ -108,6 +108,10 @@ class SearchConfig:
     # TPE samples at random until this many trials have finished. Optuna's default, 10, would leave the
     # model only 6 of the default sweep's 16 trials.
     startup_trials: int = 5
+    # The start-up trials take every value of each choice (model, optimizer, batch size, ...) as evenly as their
+    # count allows, instead of at random: five random trials can all draw the same optimizer, and TPE then
+    # rarely tries the other. lr and weight decay stay random. Only with sampler: tpe.
+    stratified_start: bool = True
     time_budget_s: float | None = None  # stop starting/running trials after this long; the leaderboard still runs
     asha: AshaConfig = field(default_factory=AshaConfig)
     optuna_storage: str | None = None  # SQLAlchemy URL; default: sqlite file in the experiment folder

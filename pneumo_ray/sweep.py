@@ -351,7 +351,7 @@ def run(prepared: Prepared, address: str | None = None):
 
     from pneumo_ray.leaderboard import write_leaderboard
     from pneumo_ray.report import write_report
-    from pneumo_ray.search_space import DefineByRun
+    from pneumo_ray.search_space import DefineByRun, stratified_start
 
     cfg, splits = prepared.cfg, prepared.splits
     exp_uri = cfg.experiment_uri
@@ -379,7 +379,7 @@ def run(prepared: Prepared, address: str | None = None):
         else:
             searcher = OptunaSearch(
                 space=DefineByRun(cfg), metric=s.metric, mode=mode,
-                points_to_evaluate=[dict(p) for p in s.initial_points] or None,
+                points_to_evaluate=[dict(p) for p in s.initial_points] + stratified_start(cfg) or None,
                 sampler=make_sampler(cfg),
                 study_name=cfg.experiment.name, storage=optuna.storages.RDBStorage(storage_url))
             scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.asha.grace_period,

@@ -10,6 +10,7 @@ import optuna
 import pytest
 
 from pneumo_ray import config
+from pneumo_ray.search_space import DefineByRun, stratified_start
 from pneumo_ray.sweep import make_sampler
 
 
@@ -67,3 +68,56 @@ def test_tpe_is_multivariate_and_a_constant_liar():
     assert ours == concurrent_suggestions(tpe(multivariate=True, constant_liar=True), 12)
     assert ours != concurrent_suggestions(tpe(multivariate=False, constant_liar=True), 12)
     assert ours != concurrent_suggestions(tpe(multivariate=True, constant_liar=False), 12)
+
+
+def test_start_up_trials_take_every_choice_evenly():
+    cfg = config.from_dict({"data": {"source": "synthetic"}, "search": {
+        "model": ["cnn_bn", "mlp"], "optimizer": ["adamw", "sgd"], "class_weighting": ["none", "loss", "sampler"],
+        "batch_size": [64], "startup_trials": 5}})
+    points = stratified_start(cfg)
+    assert len(points) == 5
+    assert all(set(p) == {"model", "optimizer", "class_weighting"} for p in points)  # lr, wd stay random
+    for name, values in (("model", ["cnn_bn", "mlp"]), ("optimizer", ["adamw", "sgd"]),
+                         ("class_weighting", ["none", "loss", "sampler"])):
+        counts = sorted(sum(p[name] == v for p in points) for v in values)
+        assert counts == ([2, 3] if len(values) == 2 else [1, 2, 2]), (name, counts)
+    assert stratified_start(cfg) == points  # seeded
+    assert any(stratified_start(config.from_dict({**cfg.to_dict(), "experiment": {**cfg.to_dict()["experiment"],
+                                                                                  "seed": seed}})) != points
+               for seed in (1, 2, 3))
+
+
+@pytest.mark.parametrize("search, expected", [
+    ({"initial_points": [{"optimizer": "sgd"}, {"optimizer": "adamw", "lr": 1e-3}]}, 3),  # they count as start-up
+    ({"num_samples": 2}, 2),
+    ({"stratified_start": False}, 0),
+    ({"sampler": "random"}, 0),  # the random baseline stays random
+    ({"optimizer": ["adamw"], "batch_size": [64], "class_weighting": ["none"]}, 0),  # nothing to stratify
+])
+def test_stratified_start_fills_only_the_remaining_start_up_trials(search, expected):
+    cfg = config.from_dict({"data": {"source": "synthetic"}, "search": {"startup_trials": 5, **search}})
+    assert len(stratified_start(cfg)) == expected
+
+
+def test_ray_optuna_search_runs_the_stratified_start_then_tpe():
+    """The points go through Ray Tune's OptunaSearch as the sweep passes them: each of the first trials
+    has its fixed choices and a random lr from the range; then TPE chooses everything."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = config.from_dict({"data": {"source": "synthetic"}, "search": {
+        "optimizer": ["adamw", "sgd"], "batch_size": [64, 128], "class_weighting": ["none"], "startup_trials": 4}})
+    points = stratified_start(cfg)
+    searcher = OptunaSearch(space=DefineByRun(cfg), metric="val_auc", mode="max", points_to_evaluate=points,
+                            sampler=make_sampler(cfg))
+    suggested = []
+    for i in range(6):
+        params = searcher.suggest(f"t{i}")
+        suggested.append(params)
+        searcher.on_trial_complete(f"t{i}", {"val_auc": 0.9 if params["optimizer"] == "sgd" else 0.8,
+                                             "training_iteration": 1})
+    for point, params in zip(points, suggested):
+        assert {k: params[k] for k in point} == point
+        assert 1e-4 <= params["lr"] <= 1e-2 and 1e-6 <= params["weight_decay"] <= 1e-3
+    assert len({round(p["lr"], 12) for p in suggested[:4]}) == 4  # drawn, not fixed
+    assert sorted(p["optimizer"] for p in suggested[:4]) == ["adamw", "adamw", "sgd", "sgd"]

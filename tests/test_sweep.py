@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pneumo_ray import config
+from pneumo_ray.search_space import stratified_start
 from pneumo_ray.sweep import trial_statuses
 from tests.conftest import ROOT, ranked_rows, run_cli, start_driver
 
@@ -54,6 +56,19 @@ def test_smoke_sweep_writes_leaderboard_report_tensorboard_and_study(smoke_exper
     for trial in trials:
         assert list(trial.glob("events.out.tfevents.*")), f"no TensorBoard events in {trial.name}"
     assert study_states(exp) == ["COMPLETE"] * 3
+    # TPE's start-up trials were the stratified ones: 3 trials, each choice's values 2 and 1 times
+    cfg = config.load(SMOKE)
+    with sqlite3.connect(exp / "optuna.db") as db:
+        chosen = {}
+        for number, name, value in db.execute(
+                "SELECT t.number, p.param_name, p.param_value FROM trial_params p JOIN trials t USING (trial_id)"):
+            chosen.setdefault(number, {})[name] = value
+    points = stratified_start(cfg)
+    assert len(points) == 3
+    for number, point in enumerate(points):
+        for name, value in point.items():
+            choices = list(getattr(cfg.search, name))
+            assert choices[int(chosen[number][name])] == value, (number, name)  # Optuna stores a choice's index
 
     rows = json.loads((exp / "leaderboard.json").read_text())
     assert [r["rank"] for r in rows] == [1, 2, 3, "ensemble"]
