@@ -99,9 +99,9 @@ def test_stratified_start_fills_only_the_remaining_start_up_trials(search, expec
     assert len(stratified_start(cfg)) == expected
 
 
-def test_ray_optuna_search_runs_the_stratified_start_then_tpe():
-    """The points go through Ray Tune's OptunaSearch as the sweep passes them: each of the first trials
-    has its fixed choices and a random lr from the range; then TPE chooses everything."""
+def test_ray_optuna_search_runs_the_stratified_start():
+    """The points go through Ray Tune's OptunaSearch as the sweep passes them: each start-up trial gets
+    its fixed choices, and an lr and weight decay drawn from their ranges."""
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
