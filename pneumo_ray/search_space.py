@@ -11,13 +11,13 @@ import random
 
 from pneumo_ray.config import Config
 
-CHOICES = ("model", "optimizer", "batch_size", "class_weighting", "freeze_depth")  # the categorical dimensions
+RANGES = ("lr", "weight_decay")  # [low, high] log ranges; every other dimension is a list of choices
 
 
 def searched_dimensions(cfg: Config) -> list[str]:
     s = cfg.search
     dims = [name for name in ("model", "optimizer", "batch_size", "class_weighting") if len(set(getattr(s, name))) > 1]
-    dims += [name for name in ("lr", "weight_decay") if getattr(s, name)[0] != getattr(s, name)[-1]]
+    dims += [name for name in RANGES if getattr(s, name)[0] != getattr(s, name)[-1]]
     if cfg.model.pretrained and len(set(s.freeze_depth)) > 1:
         dims.append("freeze_depth")
     return dims
@@ -68,7 +68,7 @@ def stratified_start(cfg: Config) -> list[dict]:
     it (README, Performance)."""
     s = cfg.search
     count = min(s.startup_trials, s.num_samples) - len(s.initial_points)
-    choices = [name for name in searched_dimensions(cfg) if name in CHOICES]
+    choices = [name for name in searched_dimensions(cfg) if name not in RANGES]
     if s.sampler != "tpe" or not s.stratified_start or count <= 0 or not choices:
         return []
     rng = random.Random(cfg.experiment.seed)
