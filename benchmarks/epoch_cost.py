@@ -74,7 +74,8 @@ def run_ray(model: str, epochs: int, splits, workers: int) -> dict:
     import ray
     import ray.train
 
-    from pneumo_ray.sweep import scaling_config, torch_trainer
+    from pneumo_ray.sweep import scaling_config
+    from pneumo_ray.torch_trainer import torch_trainer
     from pneumo_ray.train import META_FILE, ray_train_worker
 
     cores = os.cpu_count()

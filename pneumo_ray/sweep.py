@@ -144,6 +144,8 @@ def train_trial(cfg: Config, params: dict, splits_holder: dict, trial_id: str, d
     import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from pneumo_ray.torch_trainer import torch_trainer
+
     r = cfg.resources
     metric = cfg.search.metric
     trainer = torch_trainer(
@@ -162,27 +164,6 @@ def train_trial(cfg: Config, params: dict, splits_holder: dict, trial_id: str, d
         ),
     )
     trainer.fit()
-
-
-def torch_trainer(train_fn, **kwargs):
-    """Ray Train's TorchTrainer, less the DatasetManager actor that Train V2 starts for every run, Ray
-    Datasets or not. pneumo-ray's runs pass none (their data travels in the object store), and that actor
-    is one more process, importing Ray Data, started just as the worker starts: about 1.5 s of a trial's
-    start-up on 2 cores (README, Performance). A run given datasets keeps it. It reaches into a private
-    hook; on a Ray without it, this is the plain TorchTrainer (tests/test_train.py checks the actor is gone)."""
-    from ray.train.torch import TorchTrainer
-
-    try:
-        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    except ImportError:
-        return TorchTrainer(train_fn, **kwargs)
-
-    class TorchTrainerWithoutIdleDatasetManager(TorchTrainer):
-        def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
-
-    return TorchTrainerWithoutIdleDatasetManager(train_fn, **kwargs)
 
 
 def train_worker(loop_config: dict) -> None:

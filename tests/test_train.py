@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -155,6 +157,24 @@ def test_fused_optimizer_under_grad_scaler_skips_inf_steps(name):
 # --------------------------------------------------------------------------- under Ray Train
 
 
+@pytest.mark.parametrize("gpus, backend", [(0, "gloo"), (0.5, "nccl")])
+def test_building_a_trials_trainer_imports_no_torch(tmp_path, gpus, backend):
+    """A TorchTrainer trial's Tune process builds the trainer and waits: it must not pay for importing
+    torch (about 2 s of a trial's start-up). Checked in a fresh interpreter, as a trial starts."""
+    build = f"""
+import sys
+import ray.train
+from pneumo_ray import config, sweep
+from pneumo_ray.torch_trainer import torch_trainer
+cfg = config.from_dict({{"resources": {{"gpus_per_worker": {gpus}, "workers_per_trial": 2}}}}, check=False)
+trainer = torch_trainer(sweep.train_worker, train_loop_config={{}}, scaling_config=sweep.scaling_config(cfg),
+                        run_config=ray.train.RunConfig(name="t", storage_path={str(tmp_path)!r}))
+print(trainer.backend_config.backend, "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [backend, "False"]
+
+
 def ddp_probe_worker(loop_config: dict) -> None:
     """The project's worker entry point, plus a dump of each rank's final weights for the test."""
     import ray.train
@@ -177,8 +197,21 @@ def test_loss_falls_under_ray_train(ray_session, tmp_path, workers):
     import ray.train
     from ray.util.state import list_actors
 
-    from pneumo_ray.sweep import torch_trainer
+    from ray.train.v2.api.callback import UserCallback
 
+    from pneumo_ray.torch_trainer import torch_trainer
+
+    class RecordControllerModules(UserCallback):
+        """Runs in the Train controller. Defined in this function, so it travels by value and does not
+        import this test module (which imports torch) there."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            import sys
+
+            with open(controller_modules, "a") as f:
+                f.write(f"{'torch' in sys.modules}\n")
+
+    controller_modules = str(tmp_path / "controller_modules.txt")
     cfg = small_cfg(epochs=3)
     splits = load_splits(cfg.data)
     wait_for_free_cpus(ray_session, workers)  # 2 workers take both cores of the shared Ray
@@ -187,7 +220,8 @@ def test_loss_falls_under_ray_train(ray_session, tmp_path, workers):
         train_loop_config={"cfg": cfg.to_dict(), "params": PARAMS, "splits_ref": ray_session.put(splits),
                            "out": str(tmp_path)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-        run_config=ray.train.RunConfig(name=f"ddp{workers}", storage_path=str(tmp_path / "runs")),
+        run_config=ray.train.RunConfig(name=f"ddp{workers}", storage_path=str(tmp_path / "runs"),
+                                       callbacks=[RecordControllerModules()]),
     )
     result = trainer.fit()
     reports = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
@@ -207,6 +241,8 @@ def test_loss_falls_under_ray_train(ray_session, tmp_path, workers):
     started = {a.class_name for a in list_actors(filters=[("job_id", "=", job)], limit=10_000, detail=False)}
     assert "TrainController" in started
     assert not started & {"DatasetManager", "PreemptionWatcher"}, started
+    # the controller sets up the workers' process group without importing torch itself (torch_trainer.py)
+    assert (tmp_path / "controller_modules.txt").read_text().split() == ["False"] * 3
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers)]
     if workers == 2:
         for key in states[0]:
