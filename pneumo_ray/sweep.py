@@ -237,11 +237,15 @@ def job_env_vars(cfg: Config, local: bool = False) -> dict[str, str]:
     finished trial lingers up to 2 s before Tune can start the next: 0.5 s saves ~1.5 s per trial
     (a user's own RAY_TRAIN_HEALTH_CHECK_INTERVAL_S wins). On one machine no node can be preempted, so
     the PreemptionWatcher actor Train starts for every run is one process too many: about 1.5 s of a trial's
-    start-up on 2 cores. A cluster keeps it (spot nodes)."""
+    start-up on 2 cores. A cluster keeps it (spot nodes). Nor can that Ray add nodes, so the trainer
+    does not ask an autoscaler for them (torch_trainer.py). A user's own setting of either wins."""
+    from pneumo_ray.torch_trainer import AUTOSCALER_REQUESTS
+
     env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(cfg.resources.worker_start_timeout_s),
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
     if local:
-        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        for name in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", AUTOSCALER_REQUESTS):
+            env[name] = os.environ.get(name, "0")
     return env
 
 

@@ -1,6 +1,6 @@
 """Ray Train's TorchTrainer, as a sweep runs it: many short runs, each starting its own processes.
 
-Train V2 does two things for every run that cost a trial seconds of start-up on a small machine and
+Train V2 does three things for every run that cost a trial seconds of start-up on a small machine and
 buy a sweep nothing, so the trainer built here leaves them out:
 
 - Ray's ``TorchConfig`` lives in a module that imports torch, so torch is imported wherever the
@@ -12,9 +12,13 @@ buy a sweep nothing, so the trainer built here leaves them out:
   ``benchmarks/startup.py``, README Performance.
 - The DatasetManager actor serves Ray Datasets. pneumo-ray's runs pass none (their data travels
   in the object store), and it is one more process, importing Ray Data, as the workers start.
+- The controller registers each run's workers with Ray Data's AutoscalingCoordinator, an actor it
+  starts on first use, so that an autoscaler can add nodes for them. The Ray a sweep starts on one
+  machine has no nodes to add (``sweep.job_env_vars`` says so): there the trainer skips the requests,
+  and the actor, one more process waking 100 times a second beside the training, never starts.
 
-Both reach behind Ray's public API (``DataParallelTrainer`` and ``BackendConfig`` are its
-developer API; the set-up functions and the callback hook are private).
+All three reach behind Ray's public API (``DataParallelTrainer`` and ``BackendConfig`` are its
+developer API; the set-up functions, the callback hook and the scaling policy are private).
 ``tests/test_train.py`` runs 1- and 2-worker trainers and checks the actors started, that the
 controller never imported torch, and that DDP ranks end with the same weights.
 """
@@ -35,6 +39,7 @@ def torch_trainer(train_fn, *, scaling_config, **kwargs):
     arguments as Ray's, less ``torch_config``."""
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
         from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
     except ImportError:  # a Ray whose internals moved: its own TorchTrainer, slower to start but the same run
         from ray.train.torch import TorchTrainer
@@ -46,9 +51,42 @@ def torch_trainer(train_fn, *, scaling_config, **kwargs):
             callbacks = super()._create_default_callbacks()
             return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            policy = controller_init_kwargs.get("scaling_policy")
+            if type(policy) is FixedScalingPolicy:
+                controller_init_kwargs["scaling_policy"] = _scaling_policy(policy.scaling_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
     backend = "nccl" if scaling_config.use_gpu else "gloo"
     return SweepTorchTrainer(train_fn, backend_config=WorkerTorchConfig(backend=backend),
                              scaling_config=scaling_config, **kwargs)
+
+
+AUTOSCALER_REQUESTS = "PNEUMO_RAY_AUTOSCALER_REQUESTS"  # "0": the cluster cannot grow, do not ask it to
+
+
+def _scaling_policy(scaling_config):
+    """Ray's fixed-size policy, talking to the AutoscalingCoordinator only where an autoscaler can add
+    nodes. Decided in the controller, which has the job's environment (a driver may not)."""
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    def asks_autoscaler() -> bool:
+        return os.environ.get(AUTOSCALER_REQUESTS, "1") != "0"
+
+    class FixedSizeScalingPolicy(FixedScalingPolicy):
+        def _send_resource_request(self):
+            if asks_autoscaler():
+                super()._send_resource_request()
+
+        def _maybe_send_resource_request(self):
+            if asks_autoscaler():
+                super()._maybe_send_resource_request()
+
+        def _cancel_resource_request(self):  # Ray's would start the coordinator just to cancel
+            if asks_autoscaler():
+                super()._cancel_resource_request()
+
+    return FixedSizeScalingPolicy(scaling_config)
 
 
 @dataclass

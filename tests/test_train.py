@@ -235,12 +235,13 @@ def test_loss_falls_under_ray_train(ray_session, tmp_path, workers):
         assert {p.name for p in Path(staging["dir"]).glob("pneumo-ckpt-*")} <= set(staging["before"])
     assert reports[-1]["train_loss"] < 0.7 * reports[0]["train_loss"]
     assert reports[-1]["val_auc"] > 0.8
-    # Ray Train's actors in this test's job (dead ones included): the controller, and none of the two helpers a
-    # local pneumo-ray run leaves out (no Ray Datasets to manage, no spot node to be preempted on one machine)
+    # Ray Train's actors in this test's job (dead ones included): the controller, and none of the three helpers a
+    # local pneumo-ray run leaves out (no Ray Datasets to manage, no spot node to be preempted and no autoscaler
+    # to ask for nodes on one machine)
     job = ray_session.get_runtime_context().get_job_id()
     started = {a.class_name for a in list_actors(filters=[("job_id", "=", job)], limit=10_000, detail=False)}
     assert "TrainController" in started
-    assert not started & {"DatasetManager", "PreemptionWatcher"}, started
+    assert not started & {"DatasetManager", "PreemptionWatcher", "_AutoscalingCoordinatorActor"}, started
     # the controller sets up the workers' process group without importing torch itself (torch_trainer.py)
     assert (tmp_path / "controller_modules.txt").read_text().split() == ["False"] * 3
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(workers)]
