@@ -238,7 +238,8 @@ def job_env_vars(cfg: Config, local: bool = False) -> dict[str, str]:
     (a user's own RAY_TRAIN_HEALTH_CHECK_INTERVAL_S wins). On one machine no node can be preempted, so
     the PreemptionWatcher actor Train starts for every run is one process too many: about 1.5 s of a trial's
     start-up on 2 cores. A cluster keeps it (spot nodes). Nor can that Ray add nodes, so the trainer
-    does not ask an autoscaler for them (torch_trainer.py). A user's own setting of either wins."""
+    does not ask an autoscaler for them (torch_trainer.py); a cluster of hand-started nodes can say the
+    same with PNEUMO_RAY_AUTOSCALER_REQUESTS=0 in the driver's environment. A user's own setting wins."""
     from pneumo_ray.torch_trainer import AUTOSCALER_REQUESTS
 
     env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(cfg.resources.worker_start_timeout_s),
@@ -246,6 +247,8 @@ def job_env_vars(cfg: Config, local: bool = False) -> dict[str, str]:
     if local:
         for name in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", AUTOSCALER_REQUESTS):
             env[name] = os.environ.get(name, "0")
+    elif AUTOSCALER_REQUESTS in os.environ:  # a cluster of hand-started nodes cannot grow either
+        env[AUTOSCALER_REQUESTS] = os.environ[AUTOSCALER_REQUESTS]
     return env
 
 

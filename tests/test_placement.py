@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pneumo_ray import config
-from pneumo_ray.sweep import TRIAL_SLOT, resolve_gpus, reuse_trial_processes, scaling_config, trial_resources
+from pneumo_ray.sweep import (TRIAL_SLOT, job_env_vars, resolve_gpus, reuse_trial_processes, scaling_config,
+                              trial_resources)
+from pneumo_ray.torch_trainer import AUTOSCALER_REQUESTS
 
 
 def cfg_with(**resources):
@@ -57,3 +59,16 @@ def test_inline_trials_reserve_the_workers_share_and_reuse_processes_only_on_cpu
     assert trial_resources(cfg, {"CPU": 2, "GPU": 1, TRIAL_SLOT: 2}).bundles == [bundle]
     assert reuse_trial_processes(cfg) is reuse  # a reused process would keep its cached GPU memory
     assert reuse_trial_processes(cfg_with(gpus_per_worker=gpus)) is False  # TorchTrainer trials: never
+
+
+def test_only_a_cluster_asks_an_autoscaler_for_nodes_unless_told_not_to(monkeypatch):
+    """The Ray a sweep starts on one machine cannot grow, so its trials send no autoscaler requests (and Ray
+    Data's AutoscalingCoordinator never starts: test_train.py); a cluster's do, unless the user says so."""
+    cfg = config.Config()
+    monkeypatch.delenv(AUTOSCALER_REQUESTS, raising=False)
+    assert job_env_vars(cfg, local=True)[AUTOSCALER_REQUESTS] == "0"
+    assert AUTOSCALER_REQUESTS not in job_env_vars(cfg)
+    monkeypatch.setenv(AUTOSCALER_REQUESTS, "0")  # hand-started nodes, no autoscaler
+    assert job_env_vars(cfg)[AUTOSCALER_REQUESTS] == "0"
+    monkeypatch.setenv(AUTOSCALER_REQUESTS, "1")
+    assert job_env_vars(cfg, local=True)[AUTOSCALER_REQUESTS] == "1"
