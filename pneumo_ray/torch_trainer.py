@@ -1,7 +1,7 @@
 """Ray Train's TorchTrainer, as a sweep runs it: many short runs, each starting its own processes.
 
-Train V2 does three things for every run that cost a trial seconds of start-up on a small machine and
-buy a sweep nothing, so the trainer built here leaves them out:
+Train V2 does three things for every run that cost a trial start-up time, or the machine a busy
+process, and buy a sweep nothing, so the trainer built here leaves them out:
 
 - Ray's ``TorchConfig`` lives in a module that imports torch, so torch is imported wherever the
   trainer's config is: in the Tune trial process that builds the trainer and in the Train
@@ -14,8 +14,9 @@ buy a sweep nothing, so the trainer built here leaves them out:
   in the object store), and it is one more process, importing Ray Data, as the workers start.
 - The controller registers each run's workers with Ray Data's AutoscalingCoordinator, an actor it
   starts on first use, so that an autoscaler can add nodes for them. The Ray a sweep starts on one
-  machine has no nodes to add (``sweep.job_env_vars`` says so): there the trainer skips the requests,
-  and the actor, one more process waking 100 times a second beside the training, never starts.
+  machine has no nodes to add (``sweep.job_env_vars`` says so): there the trainer skips the requests
+  (two blocking calls per run), and the actor, one more process waking 100 times a second beside the
+  training, never starts.
 
 All three reach behind Ray's public API (``DataParallelTrainer`` and ``BackendConfig`` are its
 developer API; the set-up functions, the callback hook and the scaling policy are private).
