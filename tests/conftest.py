@@ -70,13 +70,32 @@ def wait_for_free_cpus(ray, cpus: float, timeout_s: float = 180) -> None:
     deadline = time.time() + timeout_s
     while ray.available_resources().get("CPU", 0) < cpus:
         if time.time() > deadline:
-            from ray.util import placement_group_table
-
-            held = [(pg_id[:8], pg["state"], pg["bundles"]) for pg_id, pg in placement_group_table().items()
-                    if pg["state"] != "REMOVED"]
             pytest.fail(f"{ray.available_resources().get('CPU', 0)} of the {cpus} CPUs this test needs are free "
-                        f"after {timeout_s} s; placement groups still held: {held}")
+                        f"after {timeout_s} s; placement groups still held: {held_placement_groups()}")
         time.sleep(0.5)
+
+
+def held_placement_groups() -> list[dict]:
+    """Who holds the shared Ray's cores: each placement group not removed, with the job that made it (a
+    group outlives its run only while that job lives) and the actors placed in it."""
+    from ray.util.state import list_actors, list_jobs, list_placement_groups
+
+    jobs = {j.job_id: j for j in list_jobs(limit=10_000)}
+    actors = list_actors(limit=10_000, detail=True)
+    held = []
+    for pg in list_placement_groups(limit=10_000, detail=True):
+        if pg.state == "REMOVED":
+            continue
+        job = jobs.get(pg.creator_job_id)
+        held.append({
+            "id": pg.placement_group_id[:8], "state": pg.state, "detached": pg.is_detached,
+            "bundles": [b["unit_resources"] for b in pg.bundles],
+            "job": pg.creator_job_id, "job_status": getattr(job, "status", None),
+            "entrypoint": (getattr(job, "entrypoint", None) or "")[-120:],
+            "actors": [(a.class_name, a.state, a.job_id) for a in actors
+                       if a.placement_group_id == pg.placement_group_id],
+        })
+    return held
 
 
 def write_npz(path: Path, n=(64, 32, 32), size=28, seed=0, one_class_split: str | None = None) -> Path:
