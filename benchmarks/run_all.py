@@ -1,10 +1,10 @@
 """Run every benchmark, one process each, and print where the figures went.
 
-    python benchmarks/run_all.py            # full: whole train split, 24-point grid on 3 seeds (about 90 min on 2 cores)
+    python benchmarks/run_all.py            # full: whole train split, 24-point grid on 3 seeds (about 2 h on 2 cores)
     python benchmarks/run_all.py --quick    # under 10 min (542 s here): train subsets, fewer trials, a 6-point grid
     python benchmarks/run_all.py --smoke    # the least work per benchmark, for the tests: checks they run
 
-Results: benchmarks/results/<name>.json (and search_efficiency.png), or $PNEUMO_BENCH_RESULTS.
+Results: benchmarks/results/<name>.json (and search_efficiency.png, search_lowdata.png), or $PNEUMO_BENCH_RESULTS.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ PLANS = {
     "full": [["epoch_cost.py", "--epochs", "3"],
              ["startup.py", "--trials", "10", "--ddp-trials", "5"],
              ["search_efficiency.py", "--epochs", "3", "--repeats", "3"],
+             # the same search on about a tenth of the train split, 5 epochs a trial: a harder problem (30 min)
+             ["search_efficiency.py", "--epochs", "5", "--max-train", "500", "--repeats", "5", "--name", "search_lowdata"],
              ["ray_background.py"]],
     # quick leaves ray_background.py out: with it (--rounds 4) the whole --quick took 587 s, too close to 10 min
     "quick": [["epoch_cost.py", "--epochs", "2", "--max-train", "1024", "--pairs", "2"],  # with 3 pairs the whole --quick took 590 s
