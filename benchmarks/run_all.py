@@ -1,7 +1,7 @@
 """Run every benchmark, one process each, and print where the figures went.
 
     python benchmarks/run_all.py            # full: whole train split, 24-point grid on 3 seeds (about 2 h on 2 cores)
-    python benchmarks/run_all.py --quick    # under 10 min (542 s here): train subsets, fewer trials, a 6-point grid
+    python benchmarks/run_all.py --quick    # under 10 min (512 s here at 85cd6d5): train subsets, fewer trials, a 6-point grid
     python benchmarks/run_all.py --smoke    # the least work per benchmark, for the tests: checks they run
 
 Results: benchmarks/results/<name>.json (and search_efficiency.png, search_lowdata.png), or $PNEUMO_BENCH_RESULTS.
