@@ -29,7 +29,7 @@ PLANS = {
               ["startup.py", "--trials", "4", "--ddp-trials", "2", "--max-train", "1024"],
               ["search_efficiency.py", "--epochs", "2", "--max-train", "768", "--quick", "--repeats", "3"]],
     "smoke": [["epoch_cost.py", "--epochs", "1", "--max-train", "256", "--model", "cnn_bn", "--pairs", "2"],
-              ["startup.py", "--trials", "2", "--ddp-trials", "2", "--max-train", "256"],
+              ["startup.py", "--trials", "2", "--ddp-trials", "2", "--max-train", "256", "--import-repeats", "1"],
               ["search_efficiency.py", "--quick", "--grid-points", "2", "--epochs", "1", "--max-train", "256",
                "--repeats", "2"],
               ["ray_background.py", "--model", "cnn_bn", "--rounds", "2", "--steps", "2", "--max-train", "256"]],

@@ -3,13 +3,21 @@ overhead per trial, over a sweep of 1-epoch trials: single-worker and 2-worker D
 trials (resources.launcher: train), and single-worker trials trained in the Tune trial process
 (resources.launcher: inline).
 
-    python benchmarks/startup.py [--trials 10] [--ddp-trials 5] [--max-train N]
+It also times the imports that every fresh Train worker process makes before its first optimizer
+step (Ray, torch, and torch._dynamo, which torch's optimizers import on first use), each in a new
+Python process on idle cores: the floor under a trial that starts its own worker.
+
+    python benchmarks/startup.py [--trials 10] [--ddp-trials 5] [--max-train N] [--import-repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
+import time
 
 from common import data_config, median, write_result
 from sweeps_common import run_sweep, utilisation
@@ -71,18 +79,51 @@ def measure(trials: int, workers: int, data_cfg, splits, launcher: str = "train"
     return result
 
 
+# A new Python process importing what a Ray Train worker imports before it can take a step, one after
+# the other, each timed cumulatively: (module, seconds since the first import began).
+_IMPORT_PROBE = """
+import json, time
+start, marks = time.perf_counter(), []
+for name in ("ray", "torch", "torch._dynamo"):
+    __import__(name)
+    marks.append((name, time.perf_counter() - start))
+print(json.dumps(marks))
+"""
+
+
+def fresh_process_imports(repeats: int) -> dict:
+    """Seconds a new Python process takes to import Ray, then torch, then torch._dynamo (cumulative), and
+    the whole process, interpreter start and exit included. Medians of `repeats` processes, run before the
+    benchmark starts Ray, so the cores are idle: in a sweep, another trial is training beside them."""
+    runs = []
+    for _ in range(repeats):
+        begun = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=True).stdout
+        runs.append({"process_s": time.perf_counter() - begun, **dict(json.loads(out.strip().splitlines()[-1]))})
+    result = {"repeats": repeats, "cumulative_s_median": {k: median(r[k] for r in runs) for k in runs[0] if k != "process_s"},
+              "process_s_median": median(r["process_s"] for r in runs)}
+    marks = result["cumulative_s_median"]
+    print(f"[fresh process, idle cores, median of {repeats}] import ray {marks['ray']:.2f} s, + torch "
+          f"{marks['torch']:.2f} s, + torch._dynamo {marks['torch._dynamo']:.2f} s (cumulative); the whole process "
+          f"{result['process_s_median']:.2f} s")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--ddp-trials", type=int, default=5)
     parser.add_argument("--max-train", type=int, default=None)
     parser.add_argument("--name", default="startup")
+    parser.add_argument("--import-repeats", type=int, default=3)
     args = parser.parse_args()
+    imports = fresh_process_imports(args.import_repeats)
     data_cfg, splits, kind = data_config(args.max_train)
     single = measure(args.trials, 1, data_cfg, splits)
     ddp = measure(args.ddp_trials, 2, data_cfg, splits)
     inline = measure(args.trials, 1, data_cfg, splits, launcher="inline")
     write_result(args.name, {"data": kind, "single_worker": single, "ddp_2_workers": ddp, "inline_single_worker": inline,
+                             "fresh_process_imports": imports,
                              "targets": {"single_startup<=3s": single["startup_s_median_after_first"] <= 3,
                                          "inline_single_startup<=3s": inline["startup_s_median_after_first"] <= 3,
                                          "ddp_startup<=10s": ddp["startup_s_median_after_first"] <= 10}})

@@ -80,6 +80,10 @@ def test_run_all_smoke_writes_every_result(tmp_path):
             assert set(stages) == {"first_batch"}
         assert _positive(stages["first_batch"])
     _check_targets(startup, {"single_startup<=3s", "inline_single_startup<=3s", "ddp_startup<=10s"})
+    imports = startup["fresh_process_imports"]  # ray, then torch, then torch._dynamo, cumulative, in a new process
+    assert imports["repeats"] == 1 and list(imports["cumulative_s_median"]) == ["ray", "torch", "torch._dynamo"]
+    marks = list(imports["cumulative_s_median"].values())
+    assert 0 < marks[0] < marks[1] < marks[2] < imports["process_s_median"]
 
     search = json.loads((results / "search_efficiency.json").read_text())
     assert len(search["repeats"]) == 2 and [r["seed"] for r in search["repeats"]] == [0, 1]
