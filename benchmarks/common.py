@@ -63,11 +63,14 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n ** 3 / median(times) / 1e9
 
 
-def write_result(name: str, result: dict) -> Path:
+def write_result(name: str, result: dict, matmul_at_start: float) -> Path:
+    """Writes <name>.json with the machine's facts. This machine's speed wanders by up to 1.7x within hours,
+    so the matmul rate at the benchmark's start and at its end tell a run from a slow hour apart."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
+    speed = {"matmul_gflops_at_start": round(matmul_at_start, 1), "matmul_gflops_at_end": round(matmul_gflops(), 1)}
     result = {"benchmark": name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": machine(), **result}
+              "machine": {**machine(), **speed}, **result}
     path.write_text(json.dumps(result, indent=1))
     print(f"[result] {path}")
     return path

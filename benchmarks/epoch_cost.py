@@ -241,7 +241,7 @@ def main() -> None:
                              "variants": results, "ratios": ratios,
                              "targets": {"ray1_over_plain_epoch_time<=1.05": ratios["ray1_over_plain_epoch_time"] <= 1.05,
                                          "pipeline_ratio>=3": pipeline["ratio"] >= 3,
-                                         "resnet18_images_per_s>=375": a["images_per_s"] >= 375}})
+                                         "resnet18_images_per_s>=375": a["images_per_s"] >= 375}}, gflops)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import psutil
-from common import data_config, median, write_result
+from common import data_config, matmul_gflops, median, write_result
 
 BATCH = 128
 STATES = ("running", "helpers_paused", "all_paused")
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="training steps (batch 128) per block")
     parser.add_argument("--max-train", type=int, default=None)
     args = parser.parse_args()
+    speed_at_start = matmul_gflops()
 
     import ray
     import ray.train
@@ -158,7 +159,7 @@ def main() -> None:
     write_result("ray_background", {"data": data_kind, "model": args.model, "batch_size": BATCH,
                                     "steps_per_block": args.steps, "rounds": args.rounds, "variants": variants,
                                     "paused": {"helpers": report["helpers"], "daemons": report["daemons"]},
-                                    "all_resumed": report["all_resumed"]})
+                                    "all_resumed": report["all_resumed"]}, speed_at_start)
 
 
 if __name__ == "__main__":

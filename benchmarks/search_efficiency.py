@@ -16,7 +16,7 @@ import argparse
 import itertools
 import math
 
-from common import RESULTS, data_config, median, write_result
+from common import RESULTS, data_config, matmul_gflops, median, write_result
 from sweeps_common import best_so_far, run_sweep, time_to_reach, utilisation
 
 
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--launcher", default="inline", choices=["inline", "train"], help="resources.launcher")
     parser.add_argument("--name", default="search_efficiency")
     args = parser.parse_args()
+    speed_at_start = matmul_gflops()
     data_cfg, splits, kind = data_config(args.max_train)
     repeats = [one_repeat(seed, data_cfg, splits, args) for seed in range(args.repeats)]
 
@@ -126,7 +127,8 @@ def main() -> None:
     write_result(args.name, {"data": kind, "epochs_per_trial": args.epochs, "launcher": args.launcher,
                              "repeats": repeats, "near": NEAR, "summary": summary,
                              "targets": {"tpe_asha_reaches_grid_best_in<=25%": bool(tpe_fraction and tpe_fraction <= 0.25),
-                                         "cpu_busy>=90%": summary["tpe_asha"]["cpu_busy_pct_median"] >= 90}})
+                                         "cpu_busy>=90%": summary["tpe_asha"]["cpu_busy_pct_median"] >= 90}},
+                 speed_at_start)
 
 
 def _share(fraction: float | None) -> str:
