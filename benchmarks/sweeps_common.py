@@ -50,31 +50,33 @@ def start_ray() -> None:
         start_local_ray(Config(), log_to_driver=False)
 
 
-def run_sweep(cfg, splits, storage: str | None = None) -> dict:
-    """sweep.run on these splits; returns wall time, CPU samples and every trial's reported rows."""
+def run_sweep(cfg, splits) -> dict:
+    """sweep.run on these splits, the search alone; returns wall time, CPU samples and every trial's
+    reported rows. The sweep's folder (checkpoints: tens of MB) is a temporary one, deleted after."""
     from pneumo_ray import sweep
 
     start_ray()
-
-    storage = storage or tempfile.mkdtemp(prefix="pneumo-bench-")
-    cfg.experiment.storage = storage
-    prepared = sweep.Prepared(cfg, splits, resume=False)
-    sweep.check_models(cfg, splits.image_size)
-    started = time.time()
-    with CpuSampler() as cpu:
-        sweep.run(prepared)
-    wall = time.time() - started
-    exp = Path(cfg.experiment_uri)
-    trials = {}
-    for result in exp.glob("tune_trial_*/result.json"):
-        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        if rows:
-            trials[rows[0]["trial_id"]] = rows
+    with tempfile.TemporaryDirectory(prefix="pneumo-bench-") as storage:
+        cfg.experiment.storage = storage
+        prepared = sweep.Prepared(cfg, splits, resume=False)
+        sweep.check_models(cfg, splits.image_size)
+        started = time.time()
+        with CpuSampler() as cpu:
+            sweep.run(prepared, leaderboard=False)
+        wall = time.time() - started
+        exp = Path(cfg.experiment_uri)
+        if (exp / "leaderboard.json").exists():
+            raise RuntimeError(f"{exp}: a benchmark sweep evaluated the test split")
+        trials = {}
+        for result in exp.glob("tune_trial_*/result.json"):
+            rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+            if rows:
+                trials[rows[0]["trial_id"]] = rows
+        tune_start = tune_start_times(exp)
     r = cfg.resources
     return {"started": started, "wall_s": wall, "cpu_busy_samples": cpu.samples, "trials": trials,
-            "cores_per_trial": r.workers_per_trial * r.cpus_per_worker,
-            "tune_start": tune_start_times(exp),
-            "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "exp_dir": str(exp)}
+            "cores_per_trial": r.workers_per_trial * r.cpus_per_worker, "tune_start": tune_start,
+            "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def tune_start_times(exp: Path) -> dict[str, float]:

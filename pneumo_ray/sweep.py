@@ -328,9 +328,11 @@ def close_orphaned_study_trials(exp_dir: Path, storage_url: str, study_name: str
     return orphans
 
 
-def run(prepared: Prepared, address: str | None = None):
-    """Run (or resume) the sweep, then write the test leaderboard. Returns the leaderboard rows,
-    or None when the sweep was interrupted before every trial finished."""
+def run(prepared: Prepared, address: str | None = None, leaderboard: bool = True):
+    """Run (or resume) the sweep, then write the test leaderboard and report. Returns the leaderboard rows,
+    or None when the sweep was interrupted before every trial finished. The benchmarks pass
+    leaderboard=False: they compare searches, so the test split stays untouched, and each sweep is
+    spared the 5-15 s of test evaluation, bootstrap and report figures."""
     import optuna
     import ray
     from ray import tune
@@ -397,6 +399,8 @@ def run(prepared: Prepared, address: str | None = None):
     out_of_time = cfg.search.time_budget_s is not None and time.time() - sweep_started >= cfg.search.time_budget_s
     if len(finished) < cfg.search.num_samples and not out_of_time:
         return None  # interrupted (Ctrl+C): Tune saved its state; the test split stays untouched
+    if not leaderboard:
+        return []
     rows = write_leaderboard(exp_dir, cfg, splits)
     write_report(exp_dir, cfg, splits)
     storage.publish(exp_dir, exp_uri, LEADERBOARD_OUTPUTS)

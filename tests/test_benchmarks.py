@@ -27,21 +27,26 @@ def _check_targets(result: dict, names: set[str]) -> None:
 
 
 def test_run_all_smoke_writes_every_result(tmp_path):
-    results = tmp_path / "results"
-    env = {**os.environ, "PNEUMO_BENCH_RESULTS": str(results)}
+    results, scratch = tmp_path / "results", tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, "PNEUMO_BENCH_RESULTS": str(results), "TMPDIR": str(scratch)}
     committed = {p.name: p.stat().st_mtime for p in (ROOT / "benchmarks" / "results").glob("*")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--smoke"], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all benchmarks done" in proc.stdout
-    # the committed figures are left alone
+    # the committed figures are left alone, and the sweeps' folders (checkpoints) are gone
     assert {p.name: p.stat().st_mtime for p in (ROOT / "benchmarks" / "results").glob("*")} == committed
+    assert not list(scratch.glob("pneumo-bench-*"))
 
     for name in ("epoch_cost", "startup", "search_efficiency", "ray_background"):
         result = json.loads((results / f"{name}.json").read_text())
         assert result["benchmark"] == name
         assert isinstance(result["data"], str) and "28px" in result["data"]  # says which data it measured
         assert result["machine"]["cpus"] >= 1 and result["machine"]["torch"]
+        # the machine's speed at the benchmark's start and end, to tell a run in a slow hour apart
+        speed = result["machine"]
+        assert _positive(speed["matmul_gflops_at_start"]) and _positive(speed["matmul_gflops_at_end"])
 
     epoch = json.loads((results / "epoch_cost.json").read_text())
     assert _positive(epoch["matmul_gflops"])
