@@ -87,9 +87,11 @@ def main(workdir: Path) -> dict:
         report["nodes"] = sorted(nodes.values())
 
         raw = yaml.safe_load((ROOT / "sweeps" / "configs" / "smoke.yaml").read_text())
-        raw["search"].update(num_samples=4, max_concurrent_trials=2, model=["cnn_bn"])
-        raw["data"]["synthetic_train"] = 1024  # with 10 epochs: time to stop the node mid-trial
-        raw["train"]["epochs"] = 10
+        # Two trials, one per node, at once. Six epochs of 768 images leave time to stop the worker node
+        # mid-trial, as soon as both nodes have reported an epoch.
+        raw["search"].update(num_samples=2, max_concurrent_trials=2, model=["cnn_bn"])
+        raw["data"]["synthetic_train"] = 768
+        raw["train"]["epochs"] = 6
         raw["resources"] = {"workers_per_trial": 2, "cpus_per_worker": 1}  # one trial fills one node
         raw["search"]["asha"] = {"enabled": False}
         config = workdir / "multinode.yaml"
