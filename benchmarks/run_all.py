@@ -24,10 +24,10 @@ PLANS = {
              # the same search on about a tenth of the train split, 5 epochs a trial: a harder problem (30 min)
              ["search_efficiency.py", "--epochs", "5", "--max-train", "500", "--repeats", "5", "--name", "search_lowdata"],
              ["ray_background.py"]],
-    # 551 s when this machine ran at its usual speed, 703 s in an hour when it ran slow (fp32 matmul 135 against
-    # 196-225 GFLOP/s). The plan before (1024-image epochs, 2 measured epochs, 4+4 start-up trials, a 6-point grid on
-    # 768 images) took 512 s at 85cd6d5 and 894 s in a slow hour. A 256-image search (749 s) or 2 seeds (676 s)
-    # saved little in other slow hours: the grid's time is mostly trial overhead, not training. No ray_background.py.
+    # 574 s in the slowest hour yet measured (fp32 matmul 91-162 GFLOP/s, against 196-225 usually), since the
+    # benchmark sweeps stop after the search (f48ca92: no test leaderboard or report, 10-15 s a sweep). Before that,
+    # 551 s at the usual speed and 703 s in a slow hour (matmul 135). A 256-image search (749 s) or 2 seeds (676 s)
+    # saved little in slow hours: the grid's time is mostly per-trial overhead, not training. No ray_background.py.
     "quick": [["epoch_cost.py", "--epochs", "1", "--max-train", "512", "--pairs", "2"],
               ["startup.py", "--trials", "3", "--ddp-trials", "2", "--max-train", "512"],
               ["search_efficiency.py", "--epochs", "2", "--max-train", "512", "--quick", "--grid-points", "4",
