@@ -25,7 +25,7 @@ PLANS = {
              ["search_efficiency.py", "--epochs", "5", "--max-train", "500", "--repeats", "5", "--name", "search_lowdata"],
              ["ray_background.py"]],
     # 574 s in the slowest hour yet measured (fp32 matmul 91-162 GFLOP/s, against 196-225 usually), since the
-    # benchmark sweeps stop after the search (f48ca92: no test leaderboard or report, 10-15 s a sweep). Before that,
+    # benchmark sweeps stop after the search (f48ca92: no test leaderboard or report, 9-12 s a sweep). Before that,
     # 551 s at the usual speed and 703 s in a slow hour (matmul 135). A 256-image search (749 s) or 2 seeds (676 s)
     # saved little in slow hours: the grid's time is mostly per-trial overhead, not training. No ray_background.py.
     "quick": [["epoch_cost.py", "--epochs", "1", "--max-train", "512", "--pairs", "2"],
