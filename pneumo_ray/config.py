@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from pneumo_ray.errors import ConfigError
+
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SAMPLERS = ("tpe", "random")
 LAUNCHERS = ("train", "inline")
@@ -26,10 +28,6 @@ CROP_MODES = ("none", "pad", "resized")
 THRESHOLD_RULES = ("youden", "sensitivity")
 SELECTION_METRICS = ("val_auc", "val_acc", "val_balanced_acc", "val_f1", "val_loss")
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class ConfigError(ValueError):
-    """Bad user input. The CLI prints it as one line and exits with code 2."""
 
 
 @dataclass
@@ -224,11 +222,56 @@ def _coerce(hint, value, path: str):
 
 
 def from_dict(raw: dict, check: bool = True) -> Config:
-    """``check=False`` only for a tree that was validated before it was sent to a Ray process."""
+    """``check=True`` (the driver): every path made absolute against this process's working directory,
+    then validated. ``check=False`` only for a tree that the driver resolved and validated before it sent
+    it to a Ray process: a trial runs in a working directory of Tune's, where a relative path means
+    something else."""
     cfg = _build(Config, raw, "")
     if check:
+        cfg = resolve_paths(cfg, Path.cwd())
         validate(cfg)
     return cfg
+
+
+def _absolute(path: str, base: Path) -> str:
+    """``path`` as an absolute local path: ``~`` expanded, a relative path taken from ``base``."""
+    return str((base / Path(path).expanduser()).resolve())
+
+
+def _absolute_sqlite_url(url: str, base: Path) -> str:
+    """A SQLite URL's file made absolute (``sqlite:///optuna.db`` -> ``sqlite:////abs/optuna.db``); any
+    other database URL is left as it is."""
+    from sqlalchemy.engine import make_url  # Optuna's own dependency
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a URL at all: validation says so with the field's name
+        return url
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:" \
+            or parsed.database.startswith("file:"):
+        return url
+    return parsed.set(database=_absolute(parsed.database, base)).render_as_string(hide_password=False)
+
+
+def resolve_paths(cfg: Config, base: Path) -> Config:
+    """A copy of ``cfg`` whose every local path (experiment.storage, data.root, data.path,
+    model.weights_file, a SQLite search.optuna_storage) is absolute, relative ones taken from ``base``.
+    Bucket URIs (s3://, gs://) stay as they are. Done once, in the driver, so the saved config and every
+    Ray process name the same folder wherever they run."""
+    from pneumo_ray.storage import is_remote
+
+    e, d, m, s = cfg.experiment, cfg.data, cfg.model, cfg.search
+    storage = e.storage if is_remote(e.storage) or not e.storage else _absolute(e.storage.removeprefix("file://"),
+                                                                                 base)
+    return dataclasses.replace(
+        cfg,
+        experiment=dataclasses.replace(e, storage=storage),
+        data=dataclasses.replace(d, root=_absolute(d.root, base) if d.root else d.root,
+                                 path=_absolute(d.path, base) if d.path else d.path),
+        model=dataclasses.replace(m, weights_file=_absolute(m.weights_file, base) if m.weights_file else None),
+        search=dataclasses.replace(s, optuna_storage=_absolute_sqlite_url(s.optuna_storage, base)
+                                   if s.optuna_storage else None),
+    )
 
 
 def load(path: str | Path, overrides: dict | None = None) -> Config:

@@ -8,6 +8,7 @@ Tune with ``TuneReportCallback``. Everything that can be checked is checked in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -53,14 +54,15 @@ def prepare(cfg: Config, resume: bool) -> Prepared:
         if not storage.exists(saved):
             raise ConfigError(f"{exp_uri}: no experiment to resume here ({CONFIG_FILE} missing); "
                               "check --storage/--name, or drop --resume to start it")
-        cfg = config_mod.loads(storage.read_text(saved), saved)  # resume what was started, not today's YAML
+        # Resume what was started, not today's YAML; but where it was found now, should the folder have moved.
+        saved_cfg = config_mod.loads(storage.read_text(saved), saved)
+        cfg = dataclasses.replace(saved_cfg, experiment=dataclasses.replace(
+            saved_cfg.experiment, storage=cfg.experiment.storage))
     elif storage.has_files(exp_uri):
         raise ConfigError(f"{exp_uri}: experiment '{cfg.experiment.name}' already exists; "
                           "pass --resume to continue it or --name NEW to start another (nothing was overwritten)")
     if cfg.search.optuna_storage:
         check_study_storage(cfg.search.optuna_storage)
-    if cfg.model.weights_file:
-        cfg.model.weights_file = str(Path(cfg.model.weights_file).expanduser().resolve())
     splits = load_splits(cfg.data, cfg.experiment.seed)
     check_models(cfg, splits.image_size)
     return Prepared(cfg, splits, resume)
