@@ -62,21 +62,40 @@ def sweep_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pneumo_ray import config, storage, sweep
-    from pneumo_ray.storage import EVALUATION_FILE, PREDICTIONS_FILE, REPORT_FILE
+    from pneumo_ray.errors import NothingToRank
 
     cfg = config.load(args.config, sweep_overrides(args))
     prepared = sweep.prepare(cfg, resume=args.resume)  # every check that can fail does so before Ray starts
-    rows = sweep.run(prepared, address=args.address)
     exp, exp_uri = prepared.cfg.experiment, prepared.cfg.experiment_uri
+    try:
+        rows = sweep.run(prepared, address=args.address)
+    except NothingToRank as err:
+        print(f"pneumo-ray: error: {err}", file=sys.stderr)
+        print(outputs_line(exp_uri))
+        return err.exit_code
     if rows is None:
         print(f"\nSweep interrupted; its state is saved. Continue it with:\n  python sweeps/run.py --resume "
               f"--storage {exp.storage} --name {exp.name}")
         return EXIT_INTERRUPTED
     print(f"\nTest leaderboard ({prepared.cfg.search.metric} picks the top {prepared.cfg.leaderboard.top_k}):\n")
     print(storage.read_text(storage.join(exp_uri, "leaderboard.md")))
-    print(f"Outputs in {exp_uri}: {REPORT_FILE} (open it in a browser), leaderboard.csv/.json/.md, "
-          f"{EVALUATION_FILE}, {PREDICTIONS_FILE}, best/, {sweep.OPTUNA_FILE}, trial folders (tensorboard --logdir)")
-    return 0 if rows else 1
+    print(outputs_line(exp_uri))
+    return 0
+
+
+# What a finished sweep leaves in its experiment folder, each with a word on what it is for.
+OUTPUT_NOTES = {"report.html": "report.html (open it in a browser)", "leaderboard.md": "leaderboard.md/.csv/.json",
+                "evaluation.json": "evaluation.json", "predictions.npz": "predictions.npz", "best": "best/",
+                "optuna.db": "optuna.db", "train_runs": "train_runs/"}
+
+
+def outputs_line(exp_uri: str) -> str:
+    """The outputs the experiment folder holds now: a sweep that failed names only what it did write."""
+    from pneumo_ray import storage
+
+    present = [note for name, note in OUTPUT_NOTES.items() if storage.exists(storage.join(exp_uri, name))]
+    present.append("trial folders (tensorboard --logdir)")
+    return f"Outputs in {exp_uri}: {', '.join(present)}"
 
 
 def experiment_location(arg: str) -> str:
@@ -135,15 +154,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pneumo_ray.config import ConfigError
+    from pneumo_ray.errors import UserError
 
     args = build_parser().parse_args(argv)
     try:
         commands = {"sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "report": cmd_report, "predict": cmd_predict}
         return commands[args.command](args)
-    except ConfigError as err:
+    except UserError as err:
         print(f"pneumo-ray: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from scipy.special import expit
 from pneumo_ray import storage
 from pneumo_ray.config import Config, LeaderboardConfig
 from pneumo_ray.data import CLASS_NAMES, Splits
+from pneumo_ray.errors import NothingToRank
 from pneumo_ray.evaluate import predict_margin
 from pneumo_ray.metrics import (
     CI_METRICS,
@@ -38,6 +39,16 @@ from pneumo_ray.train import META_FILE, MODEL_FILE
 HYPERPARAMS = ("optimizer", "lr", "weight_decay", "batch_size", "class_weighting", "freeze_depth")
 ENSEMBLE = "ensemble"  # the ensemble row's rank
 HALF = "@0.5"  # suffix of the metrics at the naive 0.5 threshold
+
+
+def trials_that_trained(exp_dir: Path) -> int:
+    """How many Tune trials reported at least one epoch that did not diverge (each such epoch was
+    checkpointed), from the trials' own result logs."""
+    count = 0
+    for log in exp_dir.glob("*/result.json"):
+        lines = log.read_text().splitlines()
+        count += any(json.loads(line).get("diverged", 1) == 0 for line in lines if line.strip())
+    return count
 
 
 def trial_checkpoints(exp_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
@@ -89,6 +100,14 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
     """Rank the kept trials, copy their checkpoints to best/, score them and their ensemble on test."""
     metric, lb = cfg.search.metric, cfg.leaderboard
     top = best_per_trial(exp_dir, metric)[: lb.top_k]
+    if not top:
+        trained = trials_that_trained(exp_dir)
+        where = cfg.experiment_uri if storage.is_remote(cfg.experiment_uri) else str(exp_dir)
+        if trained:  # the checkpoints went somewhere else, or were deleted: say where they should be
+            raise NothingToRank(f"{trained} trial(s) reported epochs but no checkpoint was found under "
+                                f"{storage.join(where, TRAIN_RUNS)}/*/checkpoint_* or {where}/*/checkpoint_*")
+        raise NothingToRank(f"no trial finished an epoch, so there is nothing to rank; each failed trial's "
+                            f"reason is in {where}/*/error.txt")
     keep_names = {best_copy(exp_dir, rank, c["trial_id"]).name for rank, c in enumerate(top, start=1)}
     for stale in (exp_dir / BEST_DIR).glob("rank*_*"):  # copies from an earlier ranking (a resume, a report re-run)
         if stale.name not in keep_names:
@@ -169,10 +188,6 @@ def score(val_y: np.ndarray, val_prob: np.ndarray, test_y: np.ndarray, test_prob
 
 def save_rows(exp_dir: Path, rows: list[dict], settings: dict | None = None) -> None:
     (exp_dir / "leaderboard.json").write_text(json.dumps(rows, indent=1))
-    if not rows:
-        (exp_dir / "leaderboard.md").write_text("No trial finished an epoch; nothing to rank.\n")
-        (exp_dir / "leaderboard.csv").write_text("")
-        return
     with open(exp_dir / "leaderboard.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -252,9 +252,6 @@ def write_report(exp_dir: Path, cfg: Config, splits: Splits) -> Path:
     intro = (f'<p class="note">Data: {html.escape(splits.summary())}. Written '
              f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. The test split was read once, after the "
              "search; thresholds and temperatures were chosen on val.</p>")
-    if not rows:
-        path.write_text(head + intro + "<p>No trial finished an epoch; nothing to report.</p></body></html>")
-        return path
     evaluation = json.loads((exp_dir / EVALUATION_FILE).read_text())
     settings, details, metric = evaluation["settings"], evaluation["rows"], evaluation["settings"]["selection_metric"]
     with np.load(exp_dir / PREDICTIONS_FILE) as saved:
