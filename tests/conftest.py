@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,8 +25,10 @@ def _short_tmpdir(prefix: str) -> str:
 
 def pytest_collection_modifyitems(config, items):
     """Tests that start their own Ray cluster run first, before the shared session Ray exists: Train V2's
-    placement-group cleaner finds Ray by scanning the machine and fails when two clusters are up."""
-    items.sort(key=lambda item: 0 if item.get_closest_marker("own_cluster") else 1)
+    placement-group cleaner finds Ray by scanning the machine and fails when two clusters are up. The
+    README's smoke sweep (``smoke_experiment``) starts its own Ray too, as a user's does."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("own_cluster") or "smoke_experiment" in
+               item.fixturenames else 1)
 
 
 @pytest.fixture(autouse=True)
@@ -112,11 +115,11 @@ def write_npz(path: Path, n=(64, 32, 32), size=28, seed=0, one_class_split: str 
     return path
 
 
-def start_driver(*args: str, log: Path) -> subprocess.Popen:
+def start_driver(*args: str, log: Path, cwd: Path = ROOT) -> subprocess.Popen:
     """The real entry point in the background. Its output goes to a file, not a pipe: a pipe that nobody
     reads until the end fills up, and the driver then blocks mid-sweep on a print."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "run.py"), *args], cwd=ROOT,
+        return subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "run.py"), *args], cwd=cwd,
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
@@ -131,12 +134,43 @@ def ranked_rows(exp_dir: Path) -> list[dict]:
     return [r for r in json.loads((Path(exp_dir) / "leaderboard.json").read_text()) if r["rank"] != "ensemble"]
 
 
+def readme_commands() -> list[str]:
+    """Every command in the README's ```bash blocks, continuation lines joined, comments dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def run_shell(command: str, cwd: Path, timeout: int = 900, **env: str) -> subprocess.CompletedProcess:
+    """A README command as a user types it into bash, with this environment's python and pneumo-ray first
+    on PATH (as after `. .venv/bin/activate`), and ``env`` added to the environment."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **env}
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
-def smoke_experiment(ray_address, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The smoke sweep, run once through the real entry point; its experiment folder is read (and its
-    report re-rendered) by the sweep, report and predict tests."""
-    storage = tmp_path_factory.mktemp("smoke")
-    result = run_cli("--config", str(ROOT / "sweeps" / "configs" / "smoke.yaml"), "--storage", str(storage),
-                     "--name", "smoke", "--address", ray_address)
+def user_workdir(tmp_path_factory) -> Path:
+    """A user's working directory, as after a clone: the project's sweeps/ there, nothing else."""
+    cwd = tmp_path_factory.mktemp("user")
+    (cwd / "sweeps").symlink_to(ROOT / "sweeps", target_is_directory=True)
+    return cwd
+
+
+@pytest.fixture(scope="session")
+def smoke_experiment(user_workdir) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README's smoke sweep, exactly as the README prints it (no --storage, no --address: it starts its
+    own local Ray), run once from a user's working directory. Its experiment folder is read (and its report
+    re-rendered) by the sweep, report, predict and README tests."""
+    command = next(c for c in readme_commands() if c.startswith("python sweeps/run.py") and "smoke.yaml" in c)
+    ray_tmpdir = _short_tmpdir("prr-")  # a session fixture is set up before the per-test RAY_TMPDIR
+    try:
+        result = run_shell(command, cwd=user_workdir, RAY_TMPDIR=ray_tmpdir)
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return storage / "smoke", result
+    return user_workdir / "results" / "smoke", result

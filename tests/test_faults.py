@@ -148,9 +148,11 @@ def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path, ray_
 def test_diverging_trial_fails_with_its_reason_and_spares_the_rest(tmp_path, ray_address):
     cfg = config_file(tmp_path, num_samples=3, initial_points=[
         {"model": "mlp", "optimizer": "sgd", "lr": 1.0e6, "class_weighting": "none"}])  # blows up within steps
-    result = run_cli("--config", str(cfg), "--storage", str(tmp_path), "--name", "diverge", "--address", ray_address)
+    # Relative storage (the smoke config's ./results), as a user's config has it: the DIVERGED marker a
+    # Train worker writes must land in this working directory's experiment, not in Tune's for the trial.
+    result = run_cli("--config", str(cfg), "--name", "diverge", "--address", ray_address, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    exp = tmp_path / "diverge"
+    exp = tmp_path / "results" / "diverge"
     statuses = trial_statuses(exp)
     errored = [t for t, s in statuses.items() if s == "ERROR"]
     assert len(errored) == 1 and list(statuses.values()).count("TERMINATED") == 2

@@ -30,10 +30,11 @@ def inline_config(tmp_path: Path, **search) -> Path:
 def test_inline_sweep_keeps_checkpoints_reports_startup_and_fails_diverged(tmp_path, ray_address):
     cfg = inline_config(tmp_path, num_samples=3, initial_points=[
         {"model": "mlp", "optimizer": "sgd", "lr": 1.0e6, "class_weighting": "none"}])  # blows up within steps
-    result = run_cli("--config", str(cfg), "--storage", str(tmp_path), "--name", "inline", "--epochs", "3",
-                     "--address", ray_address)
+    # The config's storage is the smoke config's relative ./results, as a user's would be: the trials train
+    # in Tune's working directories, yet their checkpoints and DIVERGED markers land in this one.
+    result = run_cli("--config", str(cfg), "--name", "inline", "--epochs", "3", "--address", ray_address, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    exp = tmp_path / "inline"
+    exp = tmp_path / "results" / "inline"
 
     statuses = trial_statuses(exp)
     errored = [t for t, s in statuses.items() if s == "ERROR"]

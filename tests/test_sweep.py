@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pneumo_ray import config
 from pneumo_ray.search_space import stratified_start
@@ -47,9 +48,20 @@ def trial_dirs(exp_dir: Path) -> list[Path]:
     return sorted(p for p in exp_dir.glob("tune_trial_*") if p.is_dir())
 
 
-def test_smoke_sweep_writes_leaderboard_report_tensorboard_and_study(smoke_experiment, ray_address):
+def test_smoke_sweep_writes_leaderboard_report_tensorboard_and_study(smoke_experiment, user_workdir):
     exp, result = smoke_experiment
     tmp_path = exp.parent
+
+    # The README's command has a relative experiment.storage (./results): every process of the sweep, the
+    # trials in Tune's own working directories included, wrote into the user's working directory.
+    assert exp == user_workdir / "results" / "smoke"
+    saved = yaml.safe_load((exp / "pneumo_config.yaml").read_text())
+    assert saved["experiment"]["storage"] == str(user_workdir.resolve() / "results")
+    assert sorted(p.name for p in (exp / "train_runs").iterdir()) == sorted(
+        t.name.split("_")[2] for t in trial_dirs(exp))
+    assert all(list((exp / "train_runs").glob(f"{t}/checkpoint_*/model.pt")) for t in trial_statuses(exp))
+    outputs = next(line for line in result.stdout.splitlines() if line.startswith("Outputs in "))
+    assert outputs.startswith(f"Outputs in {exp.resolve()}: report.html") and "best/" in outputs
 
     trials = trial_dirs(exp)
     assert len(trials) == 3
@@ -92,18 +104,21 @@ def test_smoke_sweep_writes_leaderboard_report_tensorboard_and_study(smoke_exper
 
     # Re-running the same name is refused before Ray starts, and nothing is touched.
     before = {p: p.stat().st_mtime_ns for p in exp.rglob("*")}
-    again = run_cli("--config", SMOKE, "--storage", str(tmp_path), "--name", "smoke", "--address", ray_address)
+    again = run_cli("--config", SMOKE, "--storage", str(tmp_path), "--name", "smoke")
     assert again.returncode == 2
     assert "already exists" in again.stderr and "--resume" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in exp.rglob("*")} == before
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_address):
-    args = ["--config", SMOKE, "--storage", str(tmp_path), "--name", "resumable", "--num-samples", "4", "--epochs", "3",
-            "--address", ray_address]
-    exp = tmp_path / "resumable"
+    """Started from one working directory with a relative --storage, resumed from another with a relative
+    --storage that names the same folder."""
+    first_cwd = tmp_path / "first"
+    first_cwd.mkdir()
+    args = ["--config", SMOKE, "--name", "resumable", "--num-samples", "4", "--epochs", "3", "--address", ray_address]
+    exp = first_cwd / "results" / "resumable"
     log = tmp_path / "driver.log"
-    driver = start_driver(*args, log=log)
+    driver = start_driver(*args, "--storage", "results", log=log, cwd=first_cwd)
     deadline = time.time() + 300
     while time.time() < deadline:  # interrupt once the first trial has finished
         if "COMPLETE" in study_states_so_far(exp):
@@ -115,13 +130,16 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, r
     driver.send_signal(signal.SIGINT)  # Ctrl+C
     assert driver.wait(timeout=180) == 130, log.read_text()[-3000:]
     out = log.read_text()
-    assert "--resume" in out and not (exp / "leaderboard.json").exists()
+    assert f"--resume --storage {first_cwd.resolve() / 'results'} --name resumable" in out
+    assert not (exp / "leaderboard.json").exists()
+    saved = yaml.safe_load((exp / "pneumo_config.yaml").read_text())
+    assert saved["experiment"]["storage"] == str(first_cwd.resolve() / "results")
 
     finished = terminated_trials(exp)
     assert finished, "at least one trial had finished before the interrupt"
     snapshots = {t: run_snapshot(exp, t) for t in finished}
 
-    resumed = run_cli(*args, "--resume")
+    resumed = run_cli(*args, "--storage", "first/results", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert len(trial_dirs(exp)) == 4
     assert study_states(exp) == ["COMPLETE"] * 4, "each trial is in the Optuna study exactly once"
@@ -130,3 +148,5 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, r
         assert run_snapshot(exp, trial_id) == snapshot, trial_id
     rows = ranked_rows(exp)
     assert len(rows) == 3 and all(0 <= r["test_auc"] <= 1 for r in rows)
+    assert all(Path(r["checkpoint"]).is_relative_to(exp.resolve() / "best") for r in rows)
+    assert not (tmp_path / "results").exists(), "the resumed run wrote into its own working directory"

@@ -1,0 +1,59 @@
+"""The README's own commands, run exactly as printed, from a user's working directory.
+
+The smoke sweep itself is the session's ``smoke_experiment``; this file runs the README's other cheap
+commands on its output (leaderboard, report, predict), so the README cannot drift from what works.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+
+import pytest
+from PIL import Image
+
+from tests.conftest import readme_commands, run_shell
+
+pytestmark = pytest.mark.slow
+
+
+def smoke_commands() -> list[str]:
+    """The README's commands that read the smoke sweep's experiment, in the README's order."""
+    return [c for c in readme_commands() if c.startswith("pneumo-ray ") and "results/smoke" in c]
+
+
+def test_readme_commands_on_the_smoke_sweep_run_as_typed(smoke_experiment, user_workdir):
+    exp, _ = smoke_experiment
+    commands = smoke_commands()
+    assert {c.split()[1] for c in commands} >= {"leaderboard", "report", "predict"}, commands
+    for command in commands:
+        for arg in shlex.split(command):  # the X-rays a user would bring, made from the smoke test split
+            if arg.endswith((".png", ".jpeg", ".jpg")) and not (user_workdir / arg).exists():
+                Image.new("L", (64, 64), color=128).save(user_workdir / arg)
+
+        result = run_shell(command, cwd=user_workdir, timeout=300)
+
+        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+        if command.split()[1] in ("leaderboard", "report"):
+            assert "| rank | model |" in result.stdout
+        if command.split()[1] == "predict":
+            rows = [line.split("\t") for line in result.stdout.splitlines() if not line.startswith("#")]
+            assert rows[0] == ["image", "p_pneumonia", "label"] and len(rows) >= 2
+            assert all(0 <= float(p) <= 1 and label in ("normal", "pneumonia") for _, p, label in rows[1:])
+    assert (exp / "report.html").is_file()
+
+
+def test_a_leaderboard_without_checkpoints_says_where_it_looked(smoke_experiment, tmp_path):
+    """What a sweep whose checkpoints went elsewhere (or were deleted) leaves: trials that reported
+    epochs, and no checkpoint. The leaderboard is then an error naming the folders it searched, exit 1."""
+    exp, _ = smoke_experiment
+    copy = tmp_path / "smoke"
+    shutil.copytree(exp, copy, ignore=shutil.ignore_patterns("checkpoint_*", "best"))
+
+    result = run_shell(f"pneumo-ray report {copy}", cwd=tmp_path)
+
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    error = result.stderr.strip()
+    assert "\n" not in error and error.startswith("pneumo-ray: error: ")
+    assert f"3 trial(s) reported epochs but no checkpoint was found under {copy}/train_runs" in error
+    assert "No trial finished an epoch" not in result.stdout + result.stderr
