@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 import torch
-
 from common import data_config, matmul_gflops, median, write_result
 
 BATCH = 128
@@ -74,17 +73,17 @@ def run_ray(model: str, epochs: int, splits, workers: int) -> dict:
     import ray
     import ray.train
 
-    from pneumo_ray.sweep import scaling_config
+    from pneumo_ray.layout import META_FILE
     from pneumo_ray.torch_trainer import torch_trainer
-    from pneumo_ray.train import META_FILE, ray_train_worker
+    from pneumo_ray.trial import scaling_config, train_worker
 
     cores = os.cpu_count()
     cfg, params = trial_config(model, epochs, cores / workers, workers)
     cfg.resources.gpus_per_worker = 0.0
     with tempfile.TemporaryDirectory() as storage:
         trainer = torch_trainer(  # a sweep's trainer, as Ray Train runs it
-            ray_train_worker,
-            train_loop_config={"cfg": cfg.to_dict(), "params": params, "splits_ref": ray.put(splits),
+            train_worker,
+            train_loop_config={"cfg": cfg, "params": params, "splits_ref": ray.put(splits),
                                "diverged_file": None, "started_at": time.time()},
             scaling_config=scaling_config(cfg),
             run_config=ray.train.RunConfig(name="bench", storage_path=storage))
@@ -192,8 +191,8 @@ def main() -> None:
 
     import ray
 
+    from pneumo_ray.cluster import start_local_ray
     from pneumo_ray.config import Config
-    from pneumo_ray.sweep import start_local_ray
 
     _, splits, data_kind = data_config(args.max_train)
     epochs = args.epochs + 2  # one warm-up epoch, and one more start time to close the last measured epoch

@@ -127,8 +127,8 @@ def main() -> None:
     import ray
     import ray.train
 
+    from pneumo_ray.cluster import start_local_ray
     from pneumo_ray.config import Config
-    from pneumo_ray.sweep import start_local_ray
     from pneumo_ray.torch_trainer import torch_trainer
 
     _, splits, data_kind = data_config(args.max_train)

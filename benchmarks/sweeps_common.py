@@ -43,8 +43,8 @@ def start_ray() -> None:
     trials' console output stays here."""
     import ray
 
+    from pneumo_ray.cluster import start_local_ray
     from pneumo_ray.config import Config
-    from pneumo_ray.sweep import start_local_ray
 
     if not ray.is_initialized():
         start_local_ray(Config(), log_to_driver=False)
@@ -54,6 +54,7 @@ def run_sweep(cfg, splits) -> dict:
     """sweep.run on these splits, the search alone; returns wall time, CPU samples and every trial's
     reported rows. The sweep's folder (checkpoints: tens of MB) is a temporary one, deleted after."""
     from pneumo_ray import sweep
+    from pneumo_ray.layout import LEADERBOARD_JSON
 
     start_ray()
     with tempfile.TemporaryDirectory(prefix="pneumo-bench-") as storage:
@@ -65,7 +66,7 @@ def run_sweep(cfg, splits) -> dict:
             sweep.run(prepared, leaderboard=False)
         wall = time.time() - started
         exp = Path(cfg.experiment_uri)
-        if (exp / "leaderboard.json").exists():
+        if (exp / LEADERBOARD_JSON).exists():
             raise RuntimeError(f"{exp}: a benchmark sweep evaluated the test split")
         trials = {}
         for result in exp.glob("tune_trial_*/result.json"):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
+
+from pneumo_ray.layout import REPORT_FILE
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl+C
@@ -35,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("experiment", help="experiment folder or URI (<storage>/<name>)")
 
     report = sub.add_parser("report", help="re-score a finished experiment's kept trials on test and write "
-                            "leaderboard.* and report.html again (with the config's leaderboard settings)")
+                            f"leaderboard.* and {REPORT_FILE} again (with the config's leaderboard settings)")
     report.add_argument("experiment", help="experiment folder or URI (<storage>/<name>)")
 
     predict = sub.add_parser("predict", help="pneumonia probability and label for PNG/JPEG chest X-rays")
@@ -63,37 +66,37 @@ def sweep_overrides(args: argparse.Namespace) -> dict:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pneumo_ray import config, storage, sweep
     from pneumo_ray.errors import NothingToRank
+    from pneumo_ray.layout import LEADERBOARD_MD
 
     cfg = config.load(args.config, sweep_overrides(args))
     prepared = sweep.prepare(cfg, resume=args.resume)  # every check that can fail does so before Ray starts
     exp, exp_uri = prepared.cfg.experiment, prepared.cfg.experiment_uri
     try:
-        rows = sweep.run(prepared, address=args.address)
+        outcome = sweep.run(prepared, address=args.address)
     except NothingToRank as err:
         print(f"pneumo-ray: error: {err}", file=sys.stderr)
         print(outputs_line(exp_uri))
         return err.exit_code
-    if rows is None:
+    if not outcome.finished:
         print(f"\nSweep interrupted; its state is saved. Continue it with:\n  python sweeps/run.py --resume "
               f"--storage {exp.storage} --name {exp.name}")
         return EXIT_INTERRUPTED
     print(f"\nTest leaderboard ({prepared.cfg.search.metric} picks the top {prepared.cfg.leaderboard.top_k}):\n")
-    print(storage.read_text(storage.join(exp_uri, "leaderboard.md")))
+    print(storage.read_text(storage.join(exp_uri, LEADERBOARD_MD)))
     print(outputs_line(exp_uri))
     return 0
 
 
-# What a finished sweep leaves in its experiment folder, each with a word on what it is for.
-OUTPUT_NOTES = {"report.html": "report.html (open it in a browser)", "leaderboard.md": "leaderboard.md/.csv/.json",
-                "evaluation.json": "evaluation.json", "predictions.npz": "predictions.npz", "best": "best/",
-                "optuna.db": "optuna.db", "train_runs": "train_runs/"}
-
-
 def outputs_line(exp_uri: str) -> str:
     """The outputs the experiment folder holds now: a sweep that failed names only what it did write."""
-    from pneumo_ray import storage
+    from pneumo_ray import layout, storage
 
-    present = [note for name, note in OUTPUT_NOTES.items() if storage.exists(storage.join(exp_uri, name))]
+    notes = {layout.REPORT_FILE: f"{layout.REPORT_FILE} (open it in a browser)",
+             layout.LEADERBOARD_MD: f"{layout.LEADERBOARD_MD}/.csv/.json",
+             layout.EVALUATION_FILE: layout.EVALUATION_FILE, layout.PREDICTIONS_FILE: layout.PREDICTIONS_FILE,
+             layout.BEST_DIR: f"{layout.BEST_DIR}/", layout.OPTUNA_FILE: layout.OPTUNA_FILE,
+             layout.TRAIN_RUNS: f"{layout.TRAIN_RUNS}/"}
+    present = [note for name, note in notes.items() if storage.exists(storage.join(exp_uri, name))]
     present.append("trial folders (tensorboard --logdir)")
     return f"Outputs in {exp_uri}: {', '.join(present)}"
 
@@ -106,38 +109,32 @@ def experiment_location(arg: str) -> str:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from pneumo_ray import storage
-    from pneumo_ray.config import ConfigError
+    from pneumo_ray.errors import BadArgument
+    from pneumo_ray.layout import LEADERBOARD_MD
 
-    path = storage.join(experiment_location(args.experiment), "leaderboard.md")
+    path = storage.join(experiment_location(args.experiment), LEADERBOARD_MD)
     if not storage.exists(path):
-        raise ConfigError(f"{path}: no leaderboard here; pass an experiment folder whose sweep has finished")
+        raise BadArgument(f"{path}: no leaderboard here; pass an experiment folder whose sweep has finished")
     print(storage.read_text(path))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pneumo_ray import config, storage
-    from pneumo_ray.config import ConfigError
     from pneumo_ray.data import load_splits
-    from pneumo_ray.storage import LEADERBOARD_OUTPUTS, REPORT_FILE
-    from pneumo_ray.sweep import CONFIG_FILE
+    from pneumo_ray.errors import BadArgument
+    from pneumo_ray.layout import CONFIG_FILE, LEADERBOARD_JSON, LEADERBOARD_MD
+    from pneumo_ray.sweep import finish
 
     where = experiment_location(args.experiment)
-    if not storage.exists(storage.join(where, "leaderboard.json")):
-        raise ConfigError(f"{where}: no finished sweep here (leaderboard.json missing); finish it with "
+    if not storage.exists(storage.join(where, LEADERBOARD_JSON)):
+        raise BadArgument(f"{where}: no finished sweep here ({LEADERBOARD_JSON} missing); finish it with "
                           "`python sweeps/run.py --resume --storage DIR --name NAME`, or check the path")
     saved = storage.join(where, CONFIG_FILE)
     cfg = config.loads(storage.read_text(saved), saved)
     splits = load_splits(cfg.data, cfg.experiment.seed)  # the same data the sweep used (checked like a sweep's)
-
-    from pneumo_ray.leaderboard import write_leaderboard
-    from pneumo_ray.report import write_report
-
-    exp_dir = storage.mirror(where)
-    write_leaderboard(exp_dir, cfg, splits)
-    write_report(exp_dir, cfg, splits)
-    storage.publish(exp_dir, where, LEADERBOARD_OUTPUTS)
-    print(storage.read_text(storage.join(where, "leaderboard.md")))
+    finish(storage.mirror(where), where, cfg, splits)
+    print(storage.read_text(storage.join(where, LEADERBOARD_MD)))
     print(f"Report: {storage.join(where, REPORT_FILE)}")
     return 0
 
@@ -153,10 +150,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if errors else 0
 
 
+def show_progress() -> None:
+    """The library reports progress and warnings through logging; a command shows them on stdout, beside
+    its results. Replaces the handler an earlier call in this process set, so nothing prints twice."""
+    logger = logging.getLogger("pneumo_ray")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[pneumo-ray] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     from pneumo_ray.errors import UserError
 
     args = build_parser().parse_args(argv)
+    show_progress()
     try:
         commands = {"sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "report": cmd_report, "predict": cmd_predict}
         return commands[args.command](args)

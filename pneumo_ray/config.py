@@ -1,14 +1,13 @@
-"""The one validated config tree: YAML file + command-line overrides.
+"""The one config tree: dataclasses, loaded from a YAML file plus command-line overrides.
 
-Every field is checked here, before Ray starts, so that a typo costs a one-line
-error instead of a half-finished sweep. Errors name the field (``search.lr``)
-and say how to fix it.
+The driver loads it once: every path is made absolute against the directory the user ran from, and
+every field is checked (``validation.py``) before Ray starts. The tree then travels as it is to every
+Ray process of the sweep. ``docs/config.md`` describes each field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +16,7 @@ from typing import Any
 import yaml
 
 from pneumo_ray.errors import ConfigError
-
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-SAMPLERS = ("tpe", "random")
-LAUNCHERS = ("train", "inline")
-CLASS_WEIGHTING = ("none", "loss", "sampler")
-DATA_SOURCES = ("medmnist", "npz", "folder", "synthetic")
-MEDMNIST_SIZES = (28, 64, 128, 224)
-CROP_MODES = ("none", "pad", "resized")
-THRESHOLD_RULES = ("youden", "sensitivity")
-SELECTION_METRICS = ("val_auc", "val_acc", "val_balanced_acc", "val_f1", "val_loss")
-EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from pneumo_ray.validation import MEDMNIST_SIZES, validate
 
 
 @dataclass
@@ -124,7 +113,8 @@ class ResourcesConfig:
     max_failures: int = 2  # worker-group restarts per trial, resumed from the last checkpoint
     worker_start_timeout_s: int = 600  # a restarted trial may wait this long for room (a lost node, autoscaling)
     # train: each trial is a Ray Train TorchTrainer run (DDP, worker restarts). inline: a 1-worker trial
-    # trains in its own Tune trial process, ~20 s less start-up per trial on 2 cores; Tune retries it on failure.
+    # trains in its own Tune trial process, which skips Train's processes and so starts far sooner; Tune
+    # retries it on failure.
     launcher: str = "train"
 
 
@@ -223,9 +213,9 @@ def _coerce(hint, value, path: str):
 
 def from_dict(raw: dict, check: bool = True) -> Config:
     """``check=True`` (the driver): every path made absolute against this process's working directory,
-    then validated. ``check=False`` only for a tree that the driver resolved and validated before it sent
-    it to a Ray process: a trial runs in a working directory of Tune's, where a relative path means
-    something else."""
+    then validated. ``check=False`` builds the tree as given, for code that makes its own (tests,
+    benchmarks). Never resolve paths inside a Ray process: a trial runs in a working directory of
+    Tune's, where a relative path means another folder."""
     cfg = _build(Config, raw, "")
     if check:
         cfg = resolve_paths(cfg, Path.cwd())
@@ -321,135 +311,6 @@ def parse_data_spec(spec: str) -> dict:
     raise ConfigError(f"--data {spec}: expected synthetic, npz:PATH, folder:PATH or medmnist:SIZE[:ROOT]")
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _check(ok: bool, path: str, message: str):
-    if not ok:
-        raise ConfigError(f"{path}: {message}")
-
-
-def _check_choices(values: list, allowed, path: str):
-    _check(len(values) > 0, path, "needs at least one value")
-    for v in values:
-        _check(v in allowed, path, f"unknown value {v!r}; choose from {', '.join(map(str, allowed))}")
-
-
-def _check_log_range(values: list, path: str):
-    _check(len(values) in (1, 2), path, "expected one value or a [low, high] range")
-    for v in values:
-        _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, path,
-               f"values must be positive numbers (searched on a log scale), got {v!r}")
-    _check(values[0] <= values[-1], path, f"low {values[0]} is above high {values[-1]}")
-
-
-def validate(cfg: Config) -> None:
-    from pneumo_ray.models import check_model_name  # lazy: keeps config importable without torch
-    from pneumo_ray.storage import is_remote
-
-    e = cfg.experiment
-    _check(bool(EXPERIMENT_NAME.match(e.name)) and ".." not in e.name, "experiment.name",
-           f"{e.name!r} must be letters, digits, '.', '_' or '-' (no path separators, no '..')")
-    _check(bool(e.storage), "experiment.storage", "must name a folder or a cloud URI (s3://bucket/prefix)")
-    if is_remote(e.storage):
-        _check(bool(cfg.search.optuna_storage), "search.optuna_storage",
-               f"a cloud experiment.storage ({e.storage}) needs the Optuna study in a database that every run can "
-               "reach: set a URL such as postgresql://user@host/optuna")
-
-    d = cfg.data
-    _check_choices([d.source], DATA_SOURCES, "data.source")
-    if d.source == "medmnist":
-        _check(d.size in MEDMNIST_SIZES, "data.size", f"PneumoniaMNIST comes in {MEDMNIST_SIZES}, got {d.size}")
-    _check(8 <= d.size <= 1024, "data.size", f"image side in pixels must be 8..1024, got {d.size}")
-    if d.source in ("npz", "folder"):
-        _check(bool(d.path), "data.path", f"source {d.source!r} needs a path (or use --data {d.source}:PATH)")
-    _check(0 < d.val_fraction < 0.5, "data.val_fraction", "must be between 0 and 0.5")
-    for name in ("synthetic_train", "synthetic_val", "synthetic_test"):
-        _check(getattr(d, name) >= 8, f"data.{name}", "needs at least 8 images")
-
-    a = cfg.augment
-    _check(0 <= a.rotation_deg <= 180, "augment.rotation_deg", "must be in 0..180 degrees")
-    _check_choices([a.crop], CROP_MODES, "augment.crop")
-    _check(a.crop_padding >= 0, "augment.crop_padding", "must be >= 0")
-    _check(0.3 <= a.crop_scale <= 1, "augment.crop_scale", "must be in 0.3..1")
-
-    m = cfg.model
-    _check(0 <= m.head_dropout < 1, "model.head_dropout", "must be in [0, 1)")
-    _check(m.head_warmup_epochs >= 0, "model.head_warmup_epochs", "must be >= 0")
-    if m.weights_file:
-        _check(m.pretrained, "model.weights_file", "is only used with model.pretrained: true")
-        _check(Path(m.weights_file).expanduser().is_file(), "model.weights_file",
-               f"{m.weights_file} not found; point it at a local timm weights file (.safetensors/.pth)")
-
-    t = cfg.train
-    _check(t.epochs >= 1, "train.epochs", "must be >= 1")
-    _check(0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", "must be >= 0 and below train.epochs")
-    _check(m.head_warmup_epochs < t.epochs, "model.head_warmup_epochs", "must be below train.epochs")
-    _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
-    _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
-
-    s = cfg.search
-    _check(len(s.model) > 0, "search.model", "needs at least one model name")
-    for name in s.model:
-        _check(isinstance(name, str), "search.model", f"model names are text, got {name!r}")
-        problem = check_model_name(name)
-        _check(problem is None, "search.model", problem or "")
-    _check_choices(s.optimizer, OPTIMIZERS, "search.optimizer")
-    _check_log_range(s.lr, "search.lr")
-    _check_log_range(s.weight_decay, "search.weight_decay")
-    _check(len(s.batch_size) > 0, "search.batch_size", "needs at least one value")
-    for b in s.batch_size:
-        _check(isinstance(b, int) and not isinstance(b, bool) and b >= 2, "search.batch_size",
-               f"batch sizes are whole numbers >= 2, got {b!r}")
-    _check_choices(s.class_weighting, CLASS_WEIGHTING, "search.class_weighting")
-    for k in s.freeze_depth:
-        _check(isinstance(k, int) and not isinstance(k, bool) and k >= 0, "search.freeze_depth",
-               f"freeze depths are whole numbers >= 0, got {k!r}")
-    _check(len(s.freeze_depth) > 0, "search.freeze_depth", "needs at least one value (0 = train everything)")
-    if not m.pretrained:
-        _check(s.freeze_depth == [0], "search.freeze_depth",
-               "freezing only makes sense for pretrained weights; set model.pretrained: true or use [0]")
-    _check(s.num_samples >= 1, "search.num_samples", "must be >= 1")
-    _check(s.max_concurrent_trials >= 1, "search.max_concurrent_trials", "must be >= 1")
-    _check_choices([s.sampler], SAMPLERS, "search.sampler")
-    _check(s.time_budget_s is None or (isinstance(s.time_budget_s, (int, float)) and s.time_budget_s > 0),
-           "search.time_budget_s", "must be a number of seconds > 0, or null for no limit")
-    _check_choices([s.metric], SELECTION_METRICS, "search.metric")
-    _check(s.startup_trials >= 1, "search.startup_trials", "must be >= 1")
-    _check(s.asha.grace_period >= 1, "search.asha.grace_period", "must be >= 1")
-    _check(s.asha.reduction_factor >= 2, "search.asha.reduction_factor", "must be >= 2")
-    from pneumo_ray.search_space import searched_dimensions
-
-    dims = searched_dimensions(cfg)
-    _check(s.num_samples == 1 or bool(dims), "search",
-           "every dimension is fixed, so there is nothing to search; give some dimension two or more values")
-    for i, point in enumerate(s.initial_points):
-        where = f"search.initial_points[{i}]"
-        _check(isinstance(point, dict), where, "expected a mapping such as {optimizer: sgd, lr: 0.01}")
-        unknown = sorted(set(point) - set(dims))
-        _check(not unknown, where, f"{unknown[0] if unknown else ''!r} is not a searched dimension; "
-               f"searched: {', '.join(dims) or 'none'}")
-
-    r = cfg.resources
-    _check(r.workers_per_trial >= 1, "resources.workers_per_trial", "must be >= 1")
-    _check(r.cpus_per_worker > 0, "resources.cpus_per_worker", "must be > 0 (fractions allowed)")
-    if isinstance(r.gpus_per_worker, str):
-        _check(r.gpus_per_worker == "auto", "resources.gpus_per_worker",
-               f"expected auto or a number such as 0.25, got {r.gpus_per_worker!r}")
-    else:
-        _check(r.gpus_per_worker >= 0, "resources.gpus_per_worker", "must be >= 0 (fractions such as 0.25 allowed)")
-        _check(r.gpus_per_worker <= 1 or float(r.gpus_per_worker).is_integer(), "resources.gpus_per_worker",
-               "above 1 must be a whole number")
-    _check(r.max_failures >= 0, "resources.max_failures", "must be >= 0")
-    _check(r.worker_start_timeout_s >= 10, "resources.worker_start_timeout_s", "must be >= 10 seconds")
-    _check_choices([r.launcher], LAUNCHERS, "resources.launcher")
-    _check(r.launcher == "train" or r.workers_per_trial == 1, "resources.launcher",
-           "inline trains one worker per trial; set resources.workers_per_trial: 1 or launcher: train for DDP")
-
-    lb = cfg.leaderboard
-    _check(lb.top_k >= 1, "leaderboard.top_k", "must be >= 1")
-    _check_choices([lb.threshold], THRESHOLD_RULES, "leaderboard.threshold")
-    _check(0 < lb.min_sensitivity <= 1, "leaderboard.min_sensitivity", "must be in (0, 1], e.g. 0.95")
-    _check(lb.bootstrap_resamples >= 1000, "leaderboard.bootstrap_resamples",
-           "must be >= 1000: fewer resamples leave the 2.5% tails of a 95% interval too noisy")
-    _check(lb.gradcam_images >= 0, "leaderboard.gradcam_images", "must be >= 0 (0 leaves Grad-CAM out of the report)")
+def selection_mode(metric: str) -> str:
+    """Whether the selection metric is better high (``max``) or low (``min``, a loss)."""
+    return "min" if metric.endswith("loss") else "max"

@@ -7,6 +7,7 @@ training loop never knows where images came from. The driver loads once and puts
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_ray.config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("normal", "pneumonia")
 SPLITS = ("train", "val", "test")
@@ -147,6 +150,8 @@ def read_gray(path: Path, size: int, center_crop: bool = False) -> np.ndarray:
             img = Image.fromarray(((pixels - low) / max(high - low, 1e-12) * 255).round().astype(np.uint8))
         img = img.convert("L")
         if center_crop and img.width != img.height:
+            # Cut, then resize. Not PIL's ImageOps.fit: its resize reads pixels beyond the crop box for the
+            # filter's support, so what lies outside the square bleeds into the edge pixels.
             side = min(img.size)
             left, top = (img.width - side) // 2, (img.height - side) // 2
             img = img.crop((left, top, left + side, top + side))
@@ -203,8 +208,8 @@ def _load_folder(cfg: DataConfig, seed: int) -> Splits:
         arrays["val"] = (np.concatenate([vx, cx]), np.concatenate([vy, cy]))
 
     if skipped:
-        print(f"[pneumo-ray] skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:10])}"
-              + (" ..." if len(skipped) > 10 else ""))
+        log.warning("skipped %d unreadable image(s): %s%s", len(skipped), ", ".join(skipped[:10]),
+                    " ..." if len(skipped) > 10 else "")
     return Splits(*arrays["train"], *arrays["val"], *arrays["test"], source=f"folder:{root}", skipped_files=skipped)
 
 

@@ -9,10 +9,19 @@ class UserError(Exception):
     exit_code = 1
 
 
-class ConfigError(UserError, ValueError):
-    """Bad input (config, data, CLI arguments), found before Ray starts."""
+class BadInput(UserError):
+    """Input that cannot work: a config, a data file or a command-line argument. Found before Ray starts."""
 
     exit_code = 2
+
+
+class ConfigError(BadInput, ValueError):
+    """A config field (or the data it names) that cannot work; the message starts with the field or file."""
+
+
+class BadArgument(BadInput):
+    """A command-line argument that names no usable thing: a folder with no finished sweep, a rank the
+    leaderboard does not have."""
 
 
 class NothingToRank(UserError):

@@ -23,6 +23,21 @@ from pneumo_ray.config import Config, LeaderboardConfig
 from pneumo_ray.data import CLASS_NAMES, Splits
 from pneumo_ray.errors import NothingToRank
 from pneumo_ray.evaluate import predict_margin
+from pneumo_ray.layout import (
+    BEST_DIR,
+    CHECKPOINT_GLOB,
+    EVALUATION_FILE,
+    LEADERBOARD_CSV,
+    LEADERBOARD_JSON,
+    LEADERBOARD_MD,
+    META_FILE,
+    MODEL_FILE,
+    PREDICTIONS_FILE,
+    TRAIN_RUNS,
+    TRIAL_ERROR_FILE,
+    TRIAL_RESULT_FILE,
+    best_copy_name,
+)
 from pneumo_ray.metrics import (
     CI_METRICS,
     binary_metrics,
@@ -33,19 +48,26 @@ from pneumo_ray.metrics import (
     youden_threshold,
 )
 from pneumo_ray.models import build_model
-from pneumo_ray.storage import BEST_DIR, EVALUATION_FILE, PREDICTIONS_FILE, TRAIN_RUNS
-from pneumo_ray.train import META_FILE, MODEL_FILE
 
 HYPERPARAMS = ("optimizer", "lr", "weight_decay", "batch_size", "class_weighting", "freeze_depth")
-ENSEMBLE = "ensemble"  # the ensemble row's rank
+ENSEMBLE = "ensemble"  # the ensemble row's label; its rank is None, since it is no trial
 HALF = "@0.5"  # suffix of the metrics at the naive 0.5 threshold
+
+
+def is_ensemble(row: dict) -> bool:
+    return row["row"] == ENSEMBLE
+
+
+def trial_rows(rows: list[dict]) -> list[dict]:
+    """The leaderboard's ranked trials, without its ensemble row."""
+    return [r for r in rows if not is_ensemble(r)]
 
 
 def trials_that_trained(exp_dir: Path) -> int:
     """How many Tune trials reported at least one epoch that did not diverge (each such epoch was
     checkpointed), from the trials' own result logs."""
     count = 0
-    for log in exp_dir.glob("*/result.json"):
+    for log in exp_dir.glob(f"*/{TRIAL_RESULT_FILE}"):
         lines = log.read_text().splitlines()
         count += any(json.loads(line).get("diverged", 1) == 0 for line in lines if line.strip())
     return count
@@ -55,10 +77,10 @@ def trial_checkpoints(exp_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
     """trial id -> [(checkpoint dir, its meta.json)] for every checkpoint Ray kept: Ray Train's, in
     train_runs/<trial id>/, and Tune's (inline trials), in the Tune trial folder beside its result.json."""
     found: dict[str, list] = {}
-    for meta_file in sorted((exp_dir / TRAIN_RUNS).glob("*/checkpoint_*/meta.json")):
+    for meta_file in sorted((exp_dir / TRAIN_RUNS).glob(f"*/{CHECKPOINT_GLOB}/{META_FILE}")):
         found.setdefault(meta_file.parent.parent.name, []).append((meta_file.parent, json.loads(meta_file.read_text())))
     trial_ids = {t["relative_logdir"]: t["trial_id"] for t in storage.saved_trials(exp_dir)}
-    for meta_file in sorted(exp_dir.glob("*/checkpoint_*/meta.json")):
+    for meta_file in sorted(exp_dir.glob(f"*/{CHECKPOINT_GLOB}/{META_FILE}")):
         trial_id = trial_ids.get(meta_file.parent.parent.name)
         if trial_id:
             found.setdefault(trial_id, []).append((meta_file.parent, json.loads(meta_file.read_text())))
@@ -86,7 +108,7 @@ def load_model(checkpoint_dir: Path, meta: dict) -> torch.nn.Module:
 
 def best_copy(exp_dir: Path, rank: int, trial_id: str) -> Path:
     """Where the leaderboard keeps the checkpoint of rank ``rank``: best/rank<N>_<trial id>."""
-    return exp_dir / BEST_DIR / f"rank{rank}_{trial_id}"
+    return exp_dir / BEST_DIR / best_copy_name(rank, trial_id)
 
 
 def load_ranked(exp_dir: Path, row: dict) -> tuple[torch.nn.Module, dict]:
@@ -105,9 +127,9 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
         where = cfg.experiment_uri if storage.is_remote(cfg.experiment_uri) else str(exp_dir)
         if trained:  # the checkpoints went somewhere else, or were deleted: say where they should be
             raise NothingToRank(f"{trained} trial(s) reported epochs but no checkpoint was found under "
-                                f"{storage.join(where, TRAIN_RUNS)}/*/checkpoint_* or {where}/*/checkpoint_*")
+                                f"{storage.join(where, TRAIN_RUNS)}/*/{CHECKPOINT_GLOB} or {where}/*/{CHECKPOINT_GLOB}")
         raise NothingToRank(f"no trial finished an epoch, so there is nothing to rank; each failed trial's "
-                            f"reason is in {where}/*/error.txt")
+                            f"reason is in {where}/*/{TRIAL_ERROR_FILE}")
     keep_names = {best_copy(exp_dir, rank, c["trial_id"]).name for rank, c in enumerate(top, start=1)}
     for stale in (exp_dir / BEST_DIR).glob("rank*_*"):  # copies from an earlier ranking (a resume, a report re-run)
         if stale.name not in keep_names:
@@ -123,8 +145,9 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
         margins = [predict_margin(model, x, meta["mean"], meta["std"], meta["normalize"], torch.device("cpu"),
                                   cfg.train.eval_batch_size, lb.flip_tta) for x in (splits.val_x, splits.test_x)]
         temperature = fit_temperature(splits.val_y, margins[0]) if lb.temperature_scaling else 1.0
-        probs[rank] = [expit(m / temperature) for m in margins]
-        row = {"rank": rank, "trial_id": cand["trial_id"], "model": meta["model"]}
+        probs[str(rank)] = [expit(m / temperature) for m in margins]
+        # row: the label each output knows the row by (predictions.npz, evaluation.json, the report)
+        row = {"row": str(rank), "rank": rank, "trial_id": cand["trial_id"], "model": meta["model"]}
         row.update({h: meta["params"].get(h) for h in HYPERPARAMS})
         row.update({"epoch": meta["metrics"]["epoch"], metric: meta["metrics"][metric], "temperature": temperature})
         # Where the copy lives for the user: the bucket for a cloud experiment, not this machine's mirror.
@@ -134,12 +157,12 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
     if lb.ensemble and len(rows) >= 2:
         probs[ENSEMBLE] = [np.mean([p[i] for p in probs.values()], axis=0) for i in (0, 1)]  # val, test
         val_metrics = binary_metrics(splits.val_y, probs[ENSEMBLE][0], prefix="val_")  # no val_loss: stays empty
-        rows.append({**dict.fromkeys(rows[0]), "rank": ENSEMBLE, "trial_id": "+".join(r["trial_id"] for r in rows),
+        rows.append({**dict.fromkeys(rows[0]), "row": ENSEMBLE, "trial_id": "+".join(r["trial_id"] for r in rows),
                      "model": f"mean of top {len(rows)}", metric: val_metrics.get(metric), "checkpoint": ""})
     details = {}
     for row in rows:
-        summary, details[str(row["rank"])] = score(splits.val_y, probs[row["rank"]][0], splits.test_y,
-                                                   probs[row["rank"]][1], lb, cfg.experiment.seed)
+        summary, details[row["row"]] = score(splits.val_y, probs[row["row"]][0], splits.test_y,
+                                             probs[row["row"]][1], lb, cfg.experiment.seed)
         checkpoint = row.pop("checkpoint")
         row.update(summary, checkpoint=checkpoint)  # checkpoint stays the last column
     settings = {"selection_metric": metric, "threshold_rule": lb.threshold, "min_sensitivity": lb.min_sensitivity,
@@ -187,12 +210,12 @@ def score(val_y: np.ndarray, val_prob: np.ndarray, test_y: np.ndarray, test_prob
 
 
 def save_rows(exp_dir: Path, rows: list[dict], settings: dict | None = None) -> None:
-    (exp_dir / "leaderboard.json").write_text(json.dumps(rows, indent=1))
-    with open(exp_dir / "leaderboard.csv", "w", newline="") as f:
+    (exp_dir / LEADERBOARD_JSON).write_text(json.dumps(rows, indent=1))
+    with open(exp_dir / LEADERBOARD_CSV, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (exp_dir / "leaderboard.md").write_text(to_markdown(rows, settings))
+    (exp_dir / LEADERBOARD_MD).write_text(to_markdown(rows, settings))
 
 
 def _fmt(value) -> str:
@@ -234,7 +257,7 @@ def results_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     metric = next(k for k in rows[0] if k.startswith("val_"))
     header = ["rank", "model", metric, "threshold", *(METRIC_TITLES[m] for m in CI_METRICS),
               *(f"{METRIC_TITLES[m]} @0.5" for m in CI_METRICS if m != "auc"), "ECE", "Brier"]
-    body = [[_fmt(r["rank"]), r["model"], _fmt(r[metric]), f"{r['threshold']:.3f}",
+    body = [[r["row"], r["model"], _fmt(r[metric]), f"{r['threshold']:.3f}",
              *(with_ci(r, f"test_{m}") for m in CI_METRICS),
              *(f"{r[f'test_{m}{HALF}']:.3f}" for m in CI_METRICS if m != "auc"),
              f"{r['test_ece']:.3f}", f"{r['test_brier']:.3f}"] for r in rows]
@@ -243,7 +266,7 @@ def results_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def configs_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Each ranked trial's hyperparameters, kept epoch and temperature."""
-    return list(CONFIG_COLUMNS), [[_fmt(r[c]) for c in CONFIG_COLUMNS] for r in rows if r["rank"] != ENSEMBLE]
+    return list(CONFIG_COLUMNS), [[_fmt(r[c]) for c in CONFIG_COLUMNS] for r in trial_rows(rows)]
 
 
 def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
@@ -253,5 +276,5 @@ def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
 def to_markdown(rows: list[dict], settings: dict | None = None) -> str:
     lines = _markdown(*results_table(rows)) + [""] + _markdown(*configs_table(rows))
     text = describe(settings) + "\n\n" + "\n".join(lines) if settings else "\n".join(lines)
-    return text + "\n\nCheckpoints: " + ", ".join(f"rank {r['rank']}: `{r['checkpoint']}`" for r in rows
-                                                if r["rank"] != ENSEMBLE) + "\n"
+    return text + "\n\nCheckpoints: " + ", ".join(f"rank {r['rank']}: `{r['checkpoint']}`"
+                                                for r in trial_rows(rows)) + "\n"

@@ -137,5 +137,7 @@ def set_train_mode(model: nn.Module, body_frozen: bool = False) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside a DistributedDataParallel wrapper, if any."""
+    """The plain model inside a DistributedDataParallel wrapper, if any. Not timm's ``unwrap_model``:
+    importing ``timm.utils`` would cost every trial of a baseline model (which never needs timm) its
+    import time at start-up."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

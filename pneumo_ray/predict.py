@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-from pneumo_ray.config import ConfigError
 from pneumo_ray.data import CLASS_NAMES, read_gray
+from pneumo_ray.errors import BadArgument
 from pneumo_ray.evaluate import predict_margin
-from pneumo_ray.leaderboard import ENSEMBLE, load_ranked
-from pneumo_ray.storage import EVALUATION_FILE
+from pneumo_ray.layout import EVALUATION_FILE, LEADERBOARD_JSON
+from pneumo_ray.leaderboard import is_ensemble, load_ranked, trial_rows
 
 
 @dataclass
@@ -59,22 +59,22 @@ class Predictor:
 
 
 def load_predictor(exp_dir: Path, rank: int = 1, ensemble: bool = False) -> Predictor:
-    board = exp_dir / "leaderboard.json"
+    board = exp_dir / LEADERBOARD_JSON
     if not board.is_file() or not (exp_dir / EVALUATION_FILE).is_file():
-        raise ConfigError(f"{exp_dir}: no finished leaderboard here; pass the folder of a finished sweep "
+        raise BadArgument(f"{exp_dir}: no finished leaderboard here; pass the folder of a finished sweep "
                           "(or run `pneumo-ray report` on it first)")
     rows = json.loads(board.read_text())
     settings = json.loads((exp_dir / EVALUATION_FILE).read_text())["settings"]
-    ranked = [r for r in rows if r["rank"] != ENSEMBLE]
+    ranked = trial_rows(rows)
     if ensemble:
-        chosen = next((r for r in rows if r["rank"] == ENSEMBLE), None)
+        chosen = next((r for r in rows if is_ensemble(r)), None)
         if chosen is None:
-            raise ConfigError(f"--ensemble: {exp_dir} has no ensemble row (fewer than 2 kept trials, or "
+            raise BadArgument(f"--ensemble: {exp_dir} has no ensemble row (fewer than 2 kept trials, or "
                               "leaderboard.ensemble: false); use --rank N")
         members, description = ranked, f"ensemble of the top {len(ranked)}"
     else:
         if not 1 <= rank <= len(ranked):
-            raise ConfigError(f"--rank {rank}: the leaderboard has ranks 1..{len(ranked)}")
+            raise BadArgument(f"--rank {rank}: the leaderboard has ranks 1..{len(ranked)}")
         chosen = ranked[rank - 1]
         members, description = [chosen], f"rank {rank} ({chosen['model']}, trial {chosen['trial_id']})"
     loaded = []

@@ -23,15 +23,25 @@ from matplotlib.figure import Figure
 from pneumo_ray import storage
 from pneumo_ray.config import Config
 from pneumo_ray.data import CLASS_NAMES, Splits
+from pneumo_ray.layout import (
+    EVALUATION_FILE,
+    LEADERBOARD_JSON,
+    OPTUNA_FILE,
+    PREDICTIONS_FILE,
+    REPORT_FILE,
+    TRIAL_RESULT_FILE,
+    default_study_url,
+)
 from pneumo_ray.leaderboard import (
     ENSEMBLE,
     HALF,
     configs_table,
     describe,
+    is_ensemble,
     load_ranked,
     results_table,
+    trial_rows,
 )
-from pneumo_ray.storage import EVALUATION_FILE, PREDICTIONS_FILE, REPORT_FILE
 
 MEDMNIST_CITATION = ("Data: PneumoniaMNIST from MedMNIST v2 (CC BY 4.0). Yang, J. et al. MedMNIST v2 - A large-scale "
                      "lightweight benchmark for 2D and 3D biomedical image classification. Scientific Data 10, 41 (2023).")
@@ -42,7 +52,7 @@ img{max-width:100%;display:block;margin:.5em 0 1.5em}.note{color:#555;font-size:
 
 
 def label(row: dict) -> str:
-    return "ensemble" if row["rank"] == ENSEMBLE else f"#{row['rank']} {row['model']}"
+    return ENSEMBLE if is_ensemble(row) else f"#{row['rank']} {row['model']}"
 
 
 def png(fig) -> str:
@@ -71,7 +81,7 @@ def leaderboard_section(rows: list[dict], metric: str, settings: dict) -> str:
     header, body = results_table(rows)
     return ("<h2>Test leaderboard</h2>" + f'<p class="note">{html.escape(describe(settings))} Ranked by {metric}; the '
             "ensemble averages the ranked models' probabilities and gets its own threshold on val.</p>"
-            + table(header, body, ["ensemble" if r["rank"] == ENSEMBLE else "" for r in rows])
+            + table(header, body, [ENSEMBLE if is_ensemble(r) else "" for r in rows])
             + "<h3>Configurations</h3>" + table(*configs_table(rows)))
 
 
@@ -82,10 +92,10 @@ def curves_section(rows: list[dict], preds) -> str:
     roc, pr = fig.subplots(1, 2)
     y = preds["test_y"]
     for r in rows:
-        p = preds[f"test_{r['rank']}"]
+        p = preds[f"test_{r['row']}"]
         RocCurveDisplay.from_predictions(y, p, ax=roc, name=label(r))
         PrecisionRecallDisplay.from_predictions(y, p, ax=pr, name=label(r))
-        if r["rank"] == ENSEMBLE:  # black, so it stands apart from its members
+        if is_ensemble(r):  # black, so it stands apart from its members
             for ax in (roc, pr):
                 ax.lines[-1].set_color("black")
         # The operating point at the tuned threshold, where the leaderboard's numbers come from.
@@ -101,11 +111,11 @@ def curves_section(rows: list[dict], preds) -> str:
 def confusion_section(rows: list[dict], details: dict) -> str:
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    shown = [rows[0]] + [r for r in rows if r["rank"] == ENSEMBLE]
+    shown = [rows[0]] + [r for r in rows if is_ensemble(r)]
     fig = Figure(figsize=(4.4 * 2, 3.8 * len(shown)), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(shown), 2))
     for r, pair in zip(shown, axes):
-        d = details[str(r["rank"])]
+        d = details[r["row"]]
         for ax, (key, title) in zip(pair, (("tuned", f"threshold {r['threshold']:.3f} (tuned on val)"),
                                            (HALF, "threshold 0.5"))):
             ConfusionMatrixDisplay(np.array(d["confusion"][key]), display_labels=list(CLASS_NAMES)).plot(
@@ -114,7 +124,7 @@ def confusion_section(rows: list[dict], details: dict) -> str:
     per_class = []
     for r in rows:
         for key in ("tuned", HALF):
-            report = details[str(r["rank"])]["per_class"][key]
+            report = details[r["row"]]["per_class"][key]
             for name in CLASS_NAMES:
                 c = report[name]
                 per_class.append([label(r), "tuned" if key == "tuned" else "0.5", name, f"{c['precision']:.3f}",
@@ -129,9 +139,9 @@ def calibration_section(rows: list[dict], preds, settings: dict) -> str:
     fig = Figure(figsize=(5.5, 5), layout="constrained")
     ax = fig.subplots()
     for r in rows:
-        CalibrationDisplay.from_predictions(preds["test_y"], preds[f"test_{r['rank']}"], n_bins=10, ax=ax,
+        CalibrationDisplay.from_predictions(preds["test_y"], preds[f"test_{r['row']}"], n_bins=10, ax=ax,
                                             name=f"{label(r)} (ECE {r['test_ece']:.3f})")
-        if r["rank"] == ENSEMBLE:
+        if is_ensemble(r):
             ax.lines[-1].set_color("black")
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title("Reliability diagram (test, 10 bins)")
@@ -145,8 +155,8 @@ def training_section(exp_dir: Path, rows: list[dict], metric: str) -> str:
     fig = Figure(figsize=(11, 4), layout="constrained")
     left, right = fig.subplots(1, 2)
     for r in rows:
-        result = exp_dir / logdirs.get(r["trial_id"], "-") / "result.json"
-        if r["rank"] == ENSEMBLE or not result.is_file():
+        result = exp_dir / logdirs.get(r["trial_id"], "-") / TRIAL_RESULT_FILE
+        if is_ensemble(r) or not result.is_file():
             continue
         epochs = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         x = [e["epoch"] for e in epochs]
@@ -166,12 +176,10 @@ def search_section(cfg: Config, exp_dir: Path, seed: int) -> str:
     import matplotlib.pyplot as plt
     import optuna
 
-    from pneumo_ray.sweep import OPTUNA_FILE
-
     out = ["<h2>Search (Optuna)</h2>"]
     if not cfg.search.optuna_storage and not (exp_dir / OPTUNA_FILE).is_file():  # opening would create an empty one
         return out[0] + f'<p class="note">No {OPTUNA_FILE} in the experiment: no search plots.</p>'
-    url = cfg.search.optuna_storage or f"sqlite:///{exp_dir / OPTUNA_FILE}"
+    url = cfg.search.optuna_storage or default_study_url(str(exp_dir))
     try:
         study = optuna.load_study(study_name=cfg.experiment.name, storage=url)
     except Exception as err:  # a server that is gone, a study deleted: the rest of the report still stands
@@ -202,16 +210,14 @@ def gradcam_section(exp_dir: Path, rows: list[dict], preds, splits: Splits, coun
     from pneumo_ray.explain import cam_layer, grad_cam, overlay
 
     out = ["<h2>Grad-CAM (test images)</h2>"]
-    for r in rows:  # the best-ranked model that has a feature map to explain
-        if r["rank"] == ENSEMBLE:
-            continue
+    for r in trial_rows(rows):  # the best-ranked model that has a feature map to explain
         model, meta = load_ranked(exp_dir, r)
         if cam_layer(model, splits.image_size) is not None:
             break
     else:
         return out[0] + '<p class="note">No ranked model has a convolutional feature map (e.g. mlp): no Grad-CAM.</p>'
 
-    y, prob = splits.test_y, preds[f"test_{r['rank']}"]
+    y, prob = splits.test_y, preds[f"test_{r['row']}"]
     pred = (prob >= r["threshold"]).astype(int)
     rng = np.random.default_rng(seed)
     sample = np.concatenate([rng.choice(np.flatnonzero(y == c), size=min(count // 2 + c * (count % 2),
@@ -244,7 +250,7 @@ def gradcam_section(exp_dir: Path, rows: list[dict], preds, splits: Splits, coun
 
 
 def write_report(exp_dir: Path, cfg: Config, splits: Splits) -> Path:
-    rows = json.loads((exp_dir / "leaderboard.json").read_text())
+    rows = json.loads((exp_dir / LEADERBOARD_JSON).read_text())
     path = exp_dir / REPORT_FILE
     title = f"pneumo-ray report: {cfg.experiment.name}"
     head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -10,17 +10,7 @@ from __future__ import annotations
 import random
 
 from pneumo_ray.config import Config
-
-RANGES = ("lr", "weight_decay")  # [low, high] log ranges; every other dimension is a list of choices
-
-
-def searched_dimensions(cfg: Config) -> list[str]:
-    s = cfg.search
-    dims = [name for name in ("model", "optimizer", "batch_size", "class_weighting") if len(set(getattr(s, name))) > 1]
-    dims += [name for name in RANGES if getattr(s, name)[0] != getattr(s, name)[-1]]
-    if cfg.model.pretrained and len(set(s.freeze_depth)) > 1:
-        dims.append("freeze_depth")
-    return dims
+from pneumo_ray.validation import RANGES, searched_dimensions
 
 
 class DefineByRun:
@@ -65,7 +55,7 @@ def stratified_start(cfg: Config) -> list[dict]:
     drawn from experiment.seed; lr and weight decay are left to the sampler, which draws them at random
     during start-up. A stratified initial design, as Bayesian optimisers commonly start with; pure random
     start-up trials can all draw one value (1 in 16 for 5 trials and 2 values), and TPE then rarely leaves
-    it (README, Performance)."""
+    it (docs/performance.md)."""
     s = cfg.search
     count = min(s.startup_trials, s.num_samples) - len(s.initial_points)
     choices = [name for name in searched_dimensions(cfg) if name not in RANGES]

@@ -15,21 +15,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# The experiment folder's layout (kept here, free of torch imports, for the processes that only need names).
-TRAIN_RUNS = "train_runs"  # Ray Train run folders (checkpoints), one per trial id
-BEST_DIR = "best"  # copies of the top-k checkpoints
-EVALUATION_FILE = "evaluation.json"  # leaderboard settings, confusion matrices and per-class reports, per row
-PREDICTIONS_FILE = "predictions.npz"  # val/test labels and each leaderboard row's probabilities
-REPORT_FILE = "report.html"
-# What the leaderboard step writes into the experiment (a cloud experiment gets these uploaded back).
-LEADERBOARD_OUTPUTS = ["leaderboard.json", "leaderboard.csv", "leaderboard.md", EVALUATION_FILE, PREDICTIONS_FILE,
-                       REPORT_FILE, BEST_DIR]
+from pneumo_ray.layout import TUNE_STATE_GLOB
 
 
 def saved_trials(exp_dir: Path) -> list[dict]:
     """Tune's newest saved experiment state: one dict per trial (trial_id, status, relative_logdir...)."""
-    states = sorted(Path(exp_dir).glob("experiment_state-*.json"))  # named by session start time, so sortable;
-    if not states:                                                  # mtimes are not: Tune re-syncs old files too
+    states = sorted(Path(exp_dir).glob(TUNE_STATE_GLOB))  # by name, the session's start; not by mtime, since
+    if not states:                                       # Tune re-syncs old files too
         return []
     return [json.loads(trial) for trial, _ in json.loads(states[-1].read_text())["trial_data"]]
 

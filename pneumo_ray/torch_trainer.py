@@ -5,11 +5,10 @@ process, and buy a sweep nothing, so the trainer built here leaves them out:
 
 - Ray's ``TorchConfig`` lives in a module that imports torch, so torch is imported wherever the
   trainer's config is: in the Tune trial process that builds the trainer and in the Train
-  controller, neither of which trains (about 2 s of CPU and 470 MB of memory each here).
+  controller, neither of which trains: seconds of CPU and hundreds of MB of memory each.
   ``WorkerTorchConfig`` sets up the same process group with Ray's own functions, run on the
-  workers, which import torch anyway. Ray's JAX backend imports jax the same way. On 2 cores it
-  took a trial's start-up from 14.7 to 11.1 s (1 worker) and from 12.0 to 9.1 s (2 DDP workers):
-  ``benchmarks/startup.py``, README Performance.
+  workers, which import torch anyway. Ray's JAX backend imports jax the same way. What this saves
+  a trial's start-up is measured by ``benchmarks/startup.py`` (docs/performance.md).
 - The DatasetManager actor serves Ray Datasets. pneumo-ray's runs pass none (their data travels
   in the object store), and it is one more process, importing Ray Data, as the workers start.
 - The controller registers each run's workers with Ray Data's AutoscalingCoordinator, an actor it
@@ -147,8 +146,10 @@ class _WorkerTorchBackend(Backend):
     def on_shutdown(self, worker_group, backend_config: WorkerTorchConfig):
         import ray
         from ray.exceptions import GetTimeoutError
-        from ray.train.constants import (DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
-                                         TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)
+        from ray.train.constants import (
+            DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+            TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+        )
 
         futures = worker_group.execute_async(_torch_setup, name="_shutdown_torch",
                                              destroy_process_group=len(worker_group) > 1)

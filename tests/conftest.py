@@ -47,8 +47,8 @@ def ray_session():
     placement-group cleaner looks Ray up by address and gives up when it finds several on the machine."""
     import ray
 
+    from pneumo_ray.cluster import start_local_ray
     from pneumo_ray.config import Config
-    from pneumo_ray.sweep import start_local_ray
 
     tmp = _short_tmpdir("prs-")
     # The Ray sweep.py starts locally: 2 cores for training, plus slots for two trial coordinators.
@@ -131,7 +131,7 @@ def run_cli(*args: str, timeout: int = 600, cwd: Path = ROOT) -> subprocess.Comp
 
 def ranked_rows(exp_dir: Path) -> list[dict]:
     """The leaderboard's ranked trials, without its ensemble row."""
-    return [r for r in json.loads((Path(exp_dir) / "leaderboard.json").read_text()) if r["rank"] != "ensemble"]
+    return [r for r in json.loads((Path(exp_dir) / "leaderboard.json").read_text()) if r["row"] != "ensemble"]
 
 
 def readme_commands() -> list[str]:

@@ -68,7 +68,7 @@ def test_sweep_in_s3_bucket_with_postgres_study_then_resume(tmp_path, monkeypatc
             assert name in files, sorted(files)
         rows = json.loads(pyarrow.fs.FileSystem.from_uri(f"{exp}/leaderboard.json")[0]
                           .open_input_stream("pneumo-results/sweeps/cloud/leaderboard.json").read())
-        assert [r["rank"] for r in rows] == [1, 2, 3, "ensemble"]
+        assert [r["row"] for r in rows] == ["1", "2", "3", "ensemble"]
         assert "report.html" in files and "evaluation.json" in files
         for row in rows[:3]:
             assert row["checkpoint"].startswith(f"{exp}/best/rank")  # the bucket copy, not the local mirror

@@ -56,7 +56,7 @@ def make_kaggle_tree(root, counts, size=40, seed=0):
                 img.convert("RGB").save(folder / f"{cls.lower()}_{i}.jpeg") if i % 2 else img.save(folder / f"{i}.png")
 
 
-def test_folder_source_skips_corrupt_files_and_carves_val(tmp_path, capsys):
+def test_folder_source_skips_corrupt_files_and_carves_val(tmp_path, caplog):
     root = tmp_path / "chest_xray"
     make_kaggle_tree(root, {"train": (30, 50), "val": (2, 2), "test": (10, 10)})
     corrupt = root / "train" / "PNEUMONIA" / "broken.jpeg"
@@ -70,7 +70,7 @@ def test_folder_source_skips_corrupt_files_and_carves_val(tmp_path, capsys):
 
     assert_splits_form(splits, 28)
     assert sorted(splits.skipped_files) == sorted([str(corrupt), str(truncated)])
-    assert "skipped 2 unreadable image(s)" in capsys.readouterr().out
+    assert "skipped 2 unreadable image(s)" in caplog.text
     # 80 readable train images: 16 (stratified 20%) move to val, joining the 4 original val images.
     assert len(splits.train_y) == 64 and len(splits.val_y) == 20
     assert np.bincount(splits.val_y).tolist() == [2 + 6, 2 + 10]

@@ -167,7 +167,7 @@ def test_ensemble_beats_every_member_when_their_mistakes_differ(tmp_path):
     assert sorted(p.name for p in (exp_dir / "best").iterdir()) == sorted(f"rank{r['rank']}_{r['trial_id']}"
                                                                           for r in rows[:3])
     singles, ensemble = rows[:3], rows[3]
-    assert [r["rank"] for r in rows] == [1, 2, 3, ENSEMBLE]
+    assert [r["row"] for r in rows] == ["1", "2", "3", ENSEMBLE] and [r["rank"] for r in rows] == [1, 2, 3, None]
     assert ensemble["model"] == "mean of top 3"
     for key in ("test_auc", "test_acc", "test_f1", "test_acc@0.5"):
         assert ensemble[key] >= max(r[key] for r in singles), key
@@ -175,7 +175,7 @@ def test_ensemble_beats_every_member_when_their_mistakes_differ(tmp_path):
     assert max(r["test_auc"] for r in singles) < 1.0 and max(r["test_acc"] for r in singles) < 0.9
     # The checkpoints went through the real loading and inference: the saved probabilities are the designed ones.
     with np.load(exp_dir / "predictions.npz") as saved:
-        by_rank = {r["rank"]: int(r["trial_id"][-1]) for r in singles}
+        by_rank = {r["row"]: int(r["trial_id"][-1]) for r in singles}
         for rank, k in by_rank.items():
             np.testing.assert_allclose(saved[f"test_{rank}"], expit(margins[k][n_val:]), atol=1e-5)
         np.testing.assert_allclose(saved["test_ensemble"], np.mean([saved[f"test_{r}"] for r in by_rank], axis=0))
@@ -183,7 +183,7 @@ def test_ensemble_beats_every_member_when_their_mistakes_differ(tmp_path):
     # Each row's threshold was chosen on val, by Youden's J, and its intervals bracket its point values.
     for row in rows:
         with np.load(exp_dir / "predictions.npz") as saved:
-            assert row["threshold"] == pytest.approx(youden_threshold(val_y, saved[f"val_{row['rank']}"]))
+            assert row["threshold"] == pytest.approx(youden_threshold(val_y, saved[f"val_{row['row']}"]))
         for m in ("acc", "auc", "sensitivity", "specificity", "f1", "acc@0.5"):
             assert row[f"test_{m}_lo"] <= row[f"test_{m}"] <= row[f"test_{m}_hi"], (row["rank"], m)
     details = json.loads((exp_dir / "evaluation.json").read_text())
@@ -207,7 +207,7 @@ def test_temperature_is_fitted_on_val_and_applied_to_test(tmp_path):
             m = margins[int(row["trial_id"][-1])]
             assert row["temperature"] == pytest.approx(fit_temperature(splits.val_y, m[:n_val]), rel=1e-3)
             assert row["temperature"] != pytest.approx(1.0, abs=0.05)  # these margins are far from calibrated
-            np.testing.assert_allclose(saved[f"test_{row['rank']}"], expit(m[n_val:] / row["temperature"]),
+            np.testing.assert_allclose(saved[f"test_{row['row']}"], expit(m[n_val:] / row["temperature"]),
                                        atol=1e-4)
     assert json.loads((exp_dir / "evaluation.json").read_text())["settings"]["temperature_scaling"] is True
 

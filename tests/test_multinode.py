@@ -38,7 +38,7 @@ def test_two_node_sweep_survives_losing_the_worker_node(tmp_path):
     for trial in moved:
         numbers = [e for e, _ in epochs[trial]]
         assert numbers == sorted(numbers) and numbers.count(1) == 1, f"{trial} restarted instead of resuming"
-    assert report["leaderboard"] and [r["rank"] for r in report["leaderboard"]] == [1, 2, "ensemble"]
+    assert report["leaderboard"] and [r["row"] for r in report["leaderboard"]] == ["1", "2", "ensemble"]
     print(f"\n[fault 3] worker node stopped ({report['killed_processes']} processes); "
           f"moved trial(s) {moved} with epochs {[epochs[t] for t in moved]}; "
           f"sweep finished {report['recovery_s']} s after the stop")

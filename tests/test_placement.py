@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pneumo_ray import config
-from pneumo_ray.sweep import (TRIAL_SLOT, job_env_vars, resolve_gpus, reuse_trial_processes, scaling_config,
-                              trial_resources)
+from pneumo_ray.cluster import TRIAL_SLOT, job_env_vars, resolve_gpus, trial_resources
 from pneumo_ray.torch_trainer import AUTOSCALER_REQUESTS
+from pneumo_ray.trial import reuse_trial_processes, scaling_config
 
 
 def cfg_with(**resources):
@@ -16,18 +16,19 @@ def cfg_with(**resources):
 
 @pytest.mark.parametrize("cluster, expected", [({"CPU": 8}, 0.0), ({"CPU": 8, "GPU": 4}, 1.0)])
 def test_gpus_auto_follows_the_cluster(cluster, expected):
-    cfg = cfg_with()
-    assert cfg.resources.gpus_per_worker == "auto"
-    resolve_gpus(cfg, cluster)
+    given = cfg_with()
+    assert given.resources.gpus_per_worker == "auto"
+    cfg = resolve_gpus(given, cluster)
     assert cfg.resources.gpus_per_worker == expected
+    assert given.resources.gpus_per_worker == "auto", "a new config, not the one given changed in place"
     scaling = scaling_config(cfg)
     assert scaling.use_gpu == (expected > 0)
     assert scaling.resources_per_worker.get("GPU", 0) == expected
 
 
 def test_fractional_gpus_pack_four_trials_per_gpu():
-    cfg = cfg_with(gpus_per_worker=0.25, cpus_per_worker=0.5, workers_per_trial=1)
-    resolve_gpus(cfg, {"GPU": 1})  # an explicit number is kept
+    cfg = resolve_gpus(cfg_with(gpus_per_worker=0.25, cpus_per_worker=0.5, workers_per_trial=1),
+                       {"GPU": 1})  # an explicit number is kept
     scaling = scaling_config(cfg)
     assert scaling.use_gpu and scaling.resources_per_worker == {"CPU": 0.5, "GPU": 0.25}
     assert int(1 / scaling.resources_per_worker["GPU"]) == 4

@@ -62,6 +62,7 @@ def smoke_test_images(exp: Path):
     return splits.test_x, probs
 
 
+@pytest.mark.slow  # reads the session's smoke sweep, a real one
 def test_predict_png_and_jpeg_with_per_file_errors(smoke_experiment, tmp_path):
     exp, _ = smoke_experiment
     images, probs = smoke_test_images(exp)
@@ -91,6 +92,7 @@ def test_predict_png_and_jpeg_with_per_file_errors(smoke_experiment, tmp_path):
     assert f"threshold {rank1['threshold']:.3f}" in result.stdout
 
 
+@pytest.mark.slow  # reads the session's smoke sweep, a real one
 def test_predict_ensemble_writes_gradcam_pngs(smoke_experiment, tmp_path):
     exp, _ = smoke_experiment
     images, probs = smoke_test_images(exp)
@@ -103,7 +105,7 @@ def test_predict_ensemble_writes_gradcam_pngs(smoke_experiment, tmp_path):
     result = pneumo("predict", str(exp), "--ensemble", "--cam", str(cam_dir), *map(str, paths))
 
     rows = json.loads((exp / "leaderboard.json").read_text())
-    has_conv = any(r["model"] != "mlp" for r in rows if r["rank"] != "ensemble")
+    has_conv = any(r["model"] != "mlp" for r in rows if r["row"] != "ensemble")
     assert result.returncode == (0 if has_conv else 2), result.stderr
     got = [float(line.split("\t")[1]) for line in result.stdout.splitlines()[2:]]
     np.testing.assert_allclose(got, probs["test_ensemble"][:2], atol=1e-4)
@@ -114,6 +116,7 @@ def test_predict_ensemble_writes_gradcam_pngs(smoke_experiment, tmp_path):
         assert Image.open(cams[0]).size == (224, 224) and Image.open(cams[0]).mode == "RGB"
 
 
+@pytest.mark.slow  # reads the session's smoke sweep, a real one
 def test_report_command_rebuilds_the_same_leaderboard(smoke_experiment):
     exp, _ = smoke_experiment
     before = json.loads((exp / "leaderboard.json").read_text())
@@ -126,6 +129,7 @@ def test_report_command_rebuilds_the_same_leaderboard(smoke_experiment):
     assert (exp / "report.html").stat().st_size > 50_000 and "report.html" in result.stdout
 
 
+@pytest.mark.slow  # reads the session's smoke sweep, a real one
 @pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 def test_report_renders_in_headless_chromium(smoke_experiment, tmp_path):
@@ -166,6 +170,7 @@ def test_report_renders_in_headless_chromium(smoke_experiment, tmp_path):
     assert screenshot.std() > 20 and len(np.unique(screenshot)) > 50, "the screenshot is blank"
 
 
+@pytest.mark.slow  # reads the session's smoke sweep, a real one
 def test_predict_rank_outside_the_leaderboard_is_a_one_line_error(smoke_experiment, capsys):
     from pneumo_ray import cli
 

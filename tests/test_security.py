@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from pneumo_ray import cli
+from pneumo_ray.layout import MODEL_FILE
 from pneumo_ray.leaderboard import load_model
 from pneumo_ray.models import build_model
-from pneumo_ray.train import MODEL_FILE
 from tests.conftest import ROOT
 
 
@@ -57,9 +57,9 @@ def test_experiment_names_cannot_escape_the_storage_folder(tmp_path, capsys, nam
 def test_local_ray_binds_its_dashboard_to_loopback():
     script = (
         "import json, ray\n"
-        "from pneumo_ray import config, sweep\n"
+        "from pneumo_ray import cluster, config\n"
         "cfg = config.from_dict({'data': {'source': 'synthetic'}})\n"
-        "sweep._init_ray(cfg, None)\n"
+        "cluster.init_ray(cfg, None)\n"
         "ctx = ray.get_runtime_context()\n"
         "print('URL', json.dumps(ray._private.worker._global_node.address_info['webui_url']))\n"
         "print('RES', json.dumps(ray.cluster_resources()))\n"

@@ -83,7 +83,7 @@ def test_smoke_sweep_writes_leaderboard_report_tensorboard_and_study(smoke_exper
             assert choices[int(chosen[number][name])] == value, (number, name)  # Optuna stores a choice's index
 
     rows = json.loads((exp / "leaderboard.json").read_text())
-    assert [r["rank"] for r in rows] == [1, 2, 3, "ensemble"]
+    assert [r["row"] for r in rows] == ["1", "2", "3", "ensemble"] and [r["rank"] for r in rows] == [1, 2, 3, None]
     ranked = rows[:3]
     assert [r["val_auc"] for r in ranked] == sorted((r["val_auc"] for r in ranked), reverse=True)
     for row in rows:
@@ -95,7 +95,8 @@ def test_smoke_sweep_writes_leaderboard_report_tensorboard_and_study(smoke_exper
     for row in ranked:
         assert (Path(row["checkpoint"]) / "model.pt").is_file()
     with open(exp / "leaderboard.csv") as f:
-        assert [r["rank"] for r in csv.DictReader(f)] == ["1", "2", "3", "ensemble"]
+        assert [(r["row"], r["rank"]) for r in csv.DictReader(f)] == [
+            ("1", "1"), ("2", "2"), ("3", "3"), ("ensemble", "")]
     board = (exp / "leaderboard.md").read_text()
     assert "| rank | model | val_auc | threshold | AUC |" in board and "Youden" in board
     assert "Test leaderboard" in result.stdout and "report.html" in result.stdout

@@ -14,8 +14,9 @@ import torch
 
 from pneumo_ray import config
 from pneumo_ray.data import load_splits
+from pneumo_ray.layout import MODEL_FILE
 from pneumo_ray.models import build_model
-from pneumo_ray.train import MODEL_FILE, LocalSession, epoch_indices, fit, lr_factor, make_optimizer
+from pneumo_ray.train import LocalSession, epoch_indices, fit, lr_factor, make_optimizer
 from tests.conftest import wait_for_free_cpus
 
 PARAMS = {"model": "cnn_bn", "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 64,
@@ -164,10 +165,10 @@ def test_building_a_trials_trainer_imports_no_torch(tmp_path, gpus, backend):
     build = f"""
 import sys
 import ray.train
-from pneumo_ray import config, sweep
+from pneumo_ray import config, trial
 from pneumo_ray.torch_trainer import torch_trainer
 cfg = config.from_dict({{"resources": {{"gpus_per_worker": {gpus}, "workers_per_trial": 2}}}}, check=False)
-trainer = torch_trainer(sweep.train_worker, train_loop_config={{}}, scaling_config=sweep.scaling_config(cfg),
+trainer = torch_trainer(trial.train_worker, train_loop_config={{}}, scaling_config=trial.scaling_config(cfg),
                         run_config=ray.train.RunConfig(name="t", storage_path={str(tmp_path)!r}))
 print(trainer.backend_config.backend, "torch" in sys.modules)
 """
@@ -179,7 +180,7 @@ def ddp_probe_worker(loop_config: dict) -> None:
     """The project's worker entry point, plus a dump of each rank's final weights for the test."""
     import ray.train
 
-    from pneumo_ray.train import RaySession
+    from pneumo_ray.trial import RaySession
 
     cfg = config.from_dict(loop_config["cfg"])
     splits = ray.get(loop_config["splits_ref"])
@@ -195,9 +196,8 @@ def ddp_probe_worker(loop_config: dict) -> None:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_loss_falls_under_ray_train(ray_session, tmp_path, workers):
     import ray.train
-    from ray.util.state import list_actors
-
     from ray.train.v2.api.callback import UserCallback
+    from ray.util.state import list_actors
 
     from pneumo_ray.torch_trainer import torch_trainer
 

@@ -1,0 +1,98 @@
+"""Starting or joining Ray, and what a sweep's processes reserve there.
+
+A sweep without ``--address`` starts a Ray on this machine; with it, it joins a cluster. Either way
+every Ray process of the sweep gets the same environment (``job_env_vars``), ``gpus_per_worker: auto``
+is settled against what the cluster has, and each trial's Tune process reserves what it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+
+from pneumo_ray.config import Config
+from pneumo_ray.torch_trainer import AUTOSCALER_REQUESTS
+
+log = logging.getLogger(__name__)
+
+TRIAL_SLOT = "pneumo_trial"  # custom resource: one per concurrently running trial coordinator
+
+
+def job_env_vars(cfg: Config, local: bool = False) -> dict[str, str]:
+    """Environment of every Ray process of a sweep; ``local`` for the Ray a sweep starts on this machine.
+    Train V2 gives up on a worker group that cannot start within 60 s; a trial retried after losing a
+    node, or waiting for the autoscaler, needs longer. Its controller polls workers every 2 s, so a
+    finished trial would hold its cores that long before Tune can start the next; 0.5 s hands them over
+    sooner (a user's own RAY_TRAIN_HEALTH_CHECK_INTERVAL_S wins). On one machine no node can be
+    preempted, so the PreemptionWatcher actor Train starts for every run is one process too many there;
+    a cluster keeps it (spot nodes). Nor can that Ray add nodes, so the trainer does not ask an
+    autoscaler for them (torch_trainer.py); a cluster of hand-started nodes can say the same with
+    PNEUMO_RAY_AUTOSCALER_REQUESTS=0 in the driver's environment. A user's own setting wins."""
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(cfg.resources.worker_start_timeout_s),
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
+    if local:
+        for name in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", AUTOSCALER_REQUESTS):
+            env[name] = os.environ.get(name, "0")
+    elif AUTOSCALER_REQUESTS in os.environ:  # a cluster of hand-started nodes cannot grow either
+        env[AUTOSCALER_REQUESTS] = os.environ[AUTOSCALER_REQUESTS]
+    return env
+
+
+def resolve_gpus(cfg: Config, cluster_resources: dict) -> Config:
+    """A copy of ``cfg`` with gpus_per_worker: auto settled: 1 GPU per worker where the cluster has GPUs,
+    else CPU training. An explicit number is kept."""
+    if cfg.resources.gpus_per_worker != "auto":
+        return cfg
+    gpus = 1.0 if cluster_resources.get("GPU", 0) > 0 else 0.0
+    return dataclasses.replace(cfg, resources=dataclasses.replace(cfg.resources, gpus_per_worker=gpus))
+
+
+def trial_resources(cfg: Config, cluster_resources: dict):
+    """What each trial's Tune coordinator reserves. It only waits on its TorchTrainer, so where the
+    cluster offers the TRIAL_SLOT resource (a local Ray, and cluster.yaml's head) it takes a slot and no
+    CPU; elsewhere Tune's default of 1 CPU. An inline trial trains itself: it reserves the worker's share."""
+    from ray import tune
+
+    r = cfg.resources
+    if r.launcher == "inline":
+        gpus = float(r.gpus_per_worker)
+        return tune.PlacementGroupFactory([{"CPU": r.cpus_per_worker, **({"GPU": gpus} if gpus else {})}])
+    if cluster_resources.get(TRIAL_SLOT, 0) >= 1:
+        return tune.PlacementGroupFactory([{TRIAL_SLOT: 1}])
+    log.info("the cluster has no '%s' resource: each trial's coordinator takes 1 CPU", TRIAL_SLOT)
+    return tune.PlacementGroupFactory([{"CPU": 1}])
+
+
+def start_local_ray(cfg: Config, log_to_driver: bool = True, num_cpus: int | None = None, **init_kwargs):
+    """Ray on this machine, as a sweep without --address starts it (the benchmarks and the test session
+    start the same one): every core for training, one TRIAL_SLOT per concurrent trial for the trials'
+    coordinators, and the dashboard on loopback only. The dashboard stays on because Train V2's
+    placement-group cleaner asks its state API whether a stopped trial's controller is gone; without it
+    an ASHA-stopped trial keeps its cores reserved. Returns ray.init's context."""
+    import ray
+
+    return ray.init(num_cpus=num_cpus or os.cpu_count() or 1, resources={TRIAL_SLOT: cfg.search.max_concurrent_trials},
+                    dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
+                    runtime_env={"env_vars": job_env_vars(cfg, local=True)}, **init_kwargs)
+
+
+def init_ray(cfg: Config, address: str | None) -> int:
+    """Connect to a cluster, or start a local Ray. Returns the number of trials that can run at once."""
+    import ray
+
+    s, r = cfg.search, cfg.resources
+    if ray.is_initialized():  # a caller (a test session, a notebook) already runs Ray: use it as it is
+        return s.max_concurrent_trials
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": job_env_vars(cfg)})
+        return s.max_concurrent_trials
+    start_local_ray(cfg)
+    cores = os.cpu_count() or 1
+    per_trial = r.workers_per_trial * r.cpus_per_worker
+    fits = max(1, math.floor(cores / per_trial + 1e-9))
+    if fits < s.max_concurrent_trials:
+        log.info("%d cores fit %d trial(s) of %g CPUs at once; running %d concurrently instead of "
+                 "search.max_concurrent_trials=%d", cores, fits, per_trial, fits, s.max_concurrent_trials)
+    return min(fits, s.max_concurrent_trials)
