@@ -44,6 +44,7 @@ from pneumo_ray.metrics import (
     bootstrap_ci,
     expected_calibration_error,
     fit_temperature,
+    paired_auc_difference,
     sensitivity_threshold,
     youden_threshold,
 )
@@ -163,6 +164,7 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
     for row in rows:
         summary, details[row["row"]] = score(splits.val_y, probs[row["row"]][0], splits.test_y,
                                              probs[row["row"]][1], lb, cfg.experiment.seed)
+        summary.update(compare_with_first(probs[row["row"]], probs["1"], splits.val_y, splits.test_y))
         checkpoint = row.pop("checkpoint")
         row.update(summary, checkpoint=checkpoint)  # checkpoint stays the last column
     settings = {"selection_metric": metric, "threshold_rule": lb.threshold, "min_sensitivity": lb.min_sensitivity,
@@ -174,6 +176,38 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
              **{f"{split}_{key}": p[i] for key, p in probs.items() for i, split in enumerate(("val", "test"))})
     save_rows(exp_dir, rows, settings)
     return rows
+
+
+def compare_with_first(row_probs: list, first_probs: list, val_y: np.ndarray, test_y: np.ndarray) -> dict:
+    """The row's AUC minus rank 1's on the same val images and the same test images, each with its 95%
+    interval and p-value from DeLong's paired test (``<split>_auc_vs_1``, ``_lo``, ``_hi``, ``_p``)."""
+    out = {}
+    for split, labels, mine, first in (("val", val_y, row_probs[0], first_probs[0]),
+                                       ("test", test_y, row_probs[1], first_probs[1])):
+        key = f"{split}_auc_vs_1"
+        out[key], out[f"{key}_lo"], out[f"{key}_hi"], out[f"{key}_p"] = paired_auc_difference(labels, mine, first)
+    return out
+
+
+def not_told_apart(rows: list[dict], split: str, alpha: float = 0.05) -> list[str]:
+    """The rows whose AUC DeLong's test cannot tell from rank 1's on ``split`` (p >= alpha)."""
+    return [label_of(r) for r in rows if r["rank"] != 1 and r[f"{split}_auc_vs_1_p"] >= alpha]
+
+
+def label_of(row: dict) -> str:
+    return ENSEMBLE if is_ensemble(row) else f"#{row['rank']} {row['model']}"
+
+
+def comparison_sentence(rows: list[dict]) -> str:
+    """In words: which rows the data cannot rank below rank 1."""
+    if len(rows) < 2:
+        return ""
+    parts = []
+    for split in ("test", "val"):
+        same = not_told_apart(rows, split)
+        parts.append(f"on {split}, {', '.join(same) if same else 'none'}")
+    return ("Not distinguishable from rank 1 by AUC (DeLong's paired test on the same images, p >= 0.05): "
+            + "; ".join(parts) + ".")
 
 
 def score(val_y: np.ndarray, val_prob: np.ndarray, test_y: np.ndarray, test_prob: np.ndarray,
@@ -245,7 +279,8 @@ def describe(settings: dict | None) -> str:
     if extras:  # the members' val metric is the one training recorded, which had neither
         extras.append("the ensemble's val metric includes them, its members' (from training) do not")
     return (f"Threshold chosen on val: {rule}. Brackets: 95% intervals from a stratified bootstrap of the test split "
-            f"({settings['bootstrap_resamples']} resamples, seed {settings['bootstrap_seed']})"
+            f"({settings['bootstrap_resamples']} resamples, seed {settings['bootstrap_seed']}), except AUC - #1: the "
+            "row's test AUC minus rank 1's on the same images, with DeLong's paired interval and p-value"
             + (f"; {', '.join(extras)}" if extras else "") + ". The test split is read once, here.")
 
 
@@ -255,13 +290,21 @@ CONFIG_COLUMNS = ("rank", "trial_id", *HYPERPARAMS, "epoch", "temperature")
 def results_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The leaderboard's main table as a header and text cells: leaderboard.md and report.html both show it."""
     metric = next(k for k in rows[0] if k.startswith("val_"))
-    header = ["rank", "model", metric, "threshold", *(METRIC_TITLES[m] for m in CI_METRICS),
+    header = ["rank", "model", metric, "threshold", *(METRIC_TITLES[m] for m in CI_METRICS), "AUC - #1 (p)",
               *(f"{METRIC_TITLES[m]} @0.5" for m in CI_METRICS if m != "auc"), "ECE", "Brier"]
     body = [[r["row"], r["model"], _fmt(r[metric]), f"{r['threshold']:.3f}",
-             *(with_ci(r, f"test_{m}") for m in CI_METRICS),
+             *(with_ci(r, f"test_{m}") for m in CI_METRICS), versus_first(r),
              *(f"{r[f'test_{m}{HALF}']:.3f}" for m in CI_METRICS if m != "auc"),
              f"{r['test_ece']:.3f}", f"{r['test_brier']:.3f}"] for r in rows]
     return header, body
+
+
+def versus_first(row: dict) -> str:
+    """``-0.012 [-0.030, 0.006] p=0.19``: the row's test AUC minus rank 1's, paired; empty for rank 1."""
+    if row["rank"] == 1:
+        return ""
+    key = "test_auc_vs_1"
+    return f"{row[key]:+.3f} [{row[key + '_lo']:+.3f}, {row[key + '_hi']:+.3f}] p={row[key + '_p']:.2f}"
 
 
 def configs_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -276,5 +319,6 @@ def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
 def to_markdown(rows: list[dict], settings: dict | None = None) -> str:
     lines = _markdown(*results_table(rows)) + [""] + _markdown(*configs_table(rows))
     text = describe(settings) + "\n\n" + "\n".join(lines) if settings else "\n".join(lines)
+    text += "\n\n" + comparison_sentence(rows) if len(rows) > 1 else ""
     return text + "\n\nCheckpoints: " + ", ".join(f"rank {r['rank']}: `{r['checkpoint']}`"
                                                 for r in trial_rows(rows)) + "\n"

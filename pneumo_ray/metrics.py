@@ -82,6 +82,38 @@ def bootstrap_ci(labels: np.ndarray, prob: np.ndarray, threshold: float, n_resam
             for m in CI_METRICS}
 
 
+def paired_auc_difference(labels: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray,
+                          level: float = 0.95) -> tuple[float, float, float, float]:
+    """AUC(a) - AUC(b) of two models scored on the same images, with DeLong's test: (difference, CI low,
+    CI high, two-sided p-value).
+
+    DeLong, DeLong & Clarke-Pearson (1988), in the fast form of Sun & Xu (2014). It is exact for the AUC,
+    which is a Mann-Whitney statistic, and its variance of the difference accounts for the two models'
+    errors being correlated on the same images, which comparing their separate intervals does not. It
+    needs no resampling, so it is the same number on every run. Identical predictions give 0 and p = 1.
+    """
+    from scipy.stats import norm, rankdata
+
+    labels = np.asarray(labels).astype(int)
+    pos, neg = labels == 1, labels == 0
+    m, n = int(pos.sum()), int(neg.sum())
+    aucs, v10, v01 = [], [], []
+    for prob in (np.asarray(prob_a, dtype=np.float64), np.asarray(prob_b, dtype=np.float64)):
+        x, y = prob[pos], prob[neg]
+        ranks = rankdata(np.concatenate([x, y]))  # mid-ranks: ties count a half
+        aucs.append((ranks[:m].sum() - m * (m + 1) / 2) / (m * n))
+        v10.append((ranks[:m] - rankdata(x)) / n)  # per pneumonia image: share of normals scored below it
+        v01.append(1 - (ranks[m:] - rankdata(y)) / m)  # per normal image: share of pneumonias scored above it
+    s10, s01 = np.cov(np.vstack(v10)), np.cov(np.vstack(v01))
+    variance = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    difference = float(aucs[0] - aucs[1])
+    if variance <= 1e-15:  # the two rank the images alike: no evidence of any difference
+        return difference, difference, difference, 1.0
+    se = math.sqrt(variance)
+    z = norm.ppf(0.5 + level / 2)
+    return difference, difference - z * se, difference + z * se, float(2 * norm.sf(abs(difference) / se))
+
+
 def expected_calibration_error(labels: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> float:
     """ECE of the pneumonia probability: sum over equal-width bins of |observed rate - mean probability|,
     weighted by the bin's share of images. Bins as in sklearn's calibration_curve (which gives no ECE)."""

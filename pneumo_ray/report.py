@@ -35,9 +35,11 @@ from pneumo_ray.layout import (
 from pneumo_ray.leaderboard import (
     ENSEMBLE,
     HALF,
+    comparison_sentence,
     configs_table,
     describe,
     is_ensemble,
+    label_of,
     load_ranked,
     results_table,
     trial_rows,
@@ -48,11 +50,8 @@ MEDMNIST_CITATION = ("Data: PneumoniaMNIST from MedMNIST v2 (CC BY 4.0). Yang, J
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 7px;
 text-align:right}th{background:#f2f2f2}td:nth-child(2){text-align:left}tr.ensemble{background:#eef6ff}
-img{max-width:100%;display:block;margin:.5em 0 1.5em}.note{color:#555;font-size:13px}h2{margin-top:1.6em}"""
-
-
-def label(row: dict) -> str:
-    return ENSEMBLE if is_ensemble(row) else f"#{row['rank']} {row['model']}"
+img{max-width:100%;display:block;margin:.5em 0 1.5em}.note{color:#555;font-size:13px}h2{margin-top:1.6em}
+.verdict{font-weight:600}"""
 
 
 def png(fig) -> str:
@@ -82,6 +81,7 @@ def leaderboard_section(rows: list[dict], metric: str, settings: dict) -> str:
     return ("<h2>Test leaderboard</h2>" + f'<p class="note">{html.escape(describe(settings))} Ranked by {metric}; the '
             "ensemble averages the ranked models' probabilities and gets its own threshold on val.</p>"
             + table(header, body, [ENSEMBLE if is_ensemble(r) else "" for r in rows])
+            + f'<p class="verdict">{html.escape(comparison_sentence(rows))}</p>'
             + "<h3>Configurations</h3>" + table(*configs_table(rows)))
 
 
@@ -93,8 +93,8 @@ def curves_section(rows: list[dict], preds) -> str:
     y = preds["test_y"]
     for r in rows:
         p = preds[f"test_{r['row']}"]
-        RocCurveDisplay.from_predictions(y, p, ax=roc, name=label(r))
-        PrecisionRecallDisplay.from_predictions(y, p, ax=pr, name=label(r))
+        RocCurveDisplay.from_predictions(y, p, ax=roc, name=label_of(r))
+        PrecisionRecallDisplay.from_predictions(y, p, ax=pr, name=label_of(r))
         if is_ensemble(r):  # black, so it stands apart from its members
             for ax in (roc, pr):
                 ax.lines[-1].set_color("black")
@@ -120,14 +120,14 @@ def confusion_section(rows: list[dict], details: dict) -> str:
                                            (HALF, "threshold 0.5"))):
             ConfusionMatrixDisplay(np.array(d["confusion"][key]), display_labels=list(CLASS_NAMES)).plot(
                 ax=ax, colorbar=False, cmap="Blues", values_format="d")
-            ax.set_title(f"{label(r)}: {title}", fontsize=10)
+            ax.set_title(f"{label_of(r)}: {title}", fontsize=10)
     per_class = []
     for r in rows:
         for key in ("tuned", HALF):
             report = details[r["row"]]["per_class"][key]
             for name in CLASS_NAMES:
                 c = report[name]
-                per_class.append([label(r), "tuned" if key == "tuned" else "0.5", name, f"{c['precision']:.3f}",
+                per_class.append([label_of(r), "tuned" if key == "tuned" else "0.5", name, f"{c['precision']:.3f}",
                                   f"{c['recall']:.3f}", f"{c['f1-score']:.3f}", int(c["support"])])
     return ("<h2>Confusion matrices and per-class report (test)</h2>" + img(fig, "confusion matrices")
             + table(["row", "threshold", "class", "precision", "recall", "F1", "images"], per_class))
@@ -140,7 +140,7 @@ def calibration_section(rows: list[dict], preds, settings: dict) -> str:
     ax = fig.subplots()
     for r in rows:
         CalibrationDisplay.from_predictions(preds["test_y"], preds[f"test_{r['row']}"], n_bins=10, ax=ax,
-                                            name=f"{label(r)} (ECE {r['test_ece']:.3f})")
+                                            name=f"{label_of(r)} (ECE {r['test_ece']:.3f})")
         if is_ensemble(r):
             ax.lines[-1].set_color("black")
     ax.legend(fontsize=8, loc="upper left")
@@ -160,9 +160,9 @@ def training_section(exp_dir: Path, rows: list[dict], metric: str) -> str:
             continue
         epochs = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         x = [e["epoch"] for e in epochs]
-        line, = left.plot(x, [e.get(metric) for e in epochs], marker="o", ms=3, label=label(r))
-        right.plot(x, [e.get("train_loss") for e in epochs], color=line.get_color(), label=f"{label(r)} train")
-        right.plot(x, [e.get("val_loss") for e in epochs], "--", color=line.get_color(), label=f"{label(r)} val")
+        line, = left.plot(x, [e.get(metric) for e in epochs], marker="o", ms=3, label=label_of(r))
+        right.plot(x, [e.get("train_loss") for e in epochs], color=line.get_color(), label=f"{label_of(r)} train")
+        right.plot(x, [e.get("val_loss") for e in epochs], "--", color=line.get_color(), label=f"{label_of(r)} val")
     if not left.lines:
         return '<h2>Training curves</h2><p class="note">No Tune results found for the ranked trials.</p>'
     left.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
@@ -225,7 +225,7 @@ def gradcam_section(exp_dir: Path, rows: list[dict], preds, splits: Splits, coun
                              for c in (0, 1)])
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-np.abs(prob[wrong] - r["threshold"]))][:count]  # the most confident mistakes first
-    out.append(f'<p class="note">Model {html.escape(label(r))} (trial {r["trial_id"]}), heatmaps for the pneumonia '
+    out.append(f'<p class="note">Model {html.escape(label_of(r))} (trial {r["trial_id"]}), heatmaps for the pneumonia '
                f'class; labels at its tuned threshold {r["threshold"]:.3f}. {len(np.flatnonzero(pred != y))} of '
                f"{len(y)} test images are misclassified.</p>")
     for title, idx in ((f"A fixed sample (seed {seed})", sample), ("Misclassified, most confident first", wrong)):

@@ -24,6 +24,7 @@ from pneumo_ray.metrics import (
     bootstrap_ci,
     expected_calibration_error,
     fit_temperature,
+    paired_auc_difference,
     sensitivity_threshold,
     youden_threshold,
 )
@@ -80,6 +81,60 @@ def test_bootstrap_intervals_cover_the_true_values_about_95_percent_of_the_time(
     scores = rng.normal(shift * labels, 1.0)
     assert bootstrap_ci(labels, scores, threshold, seed=3) == bootstrap_ci(labels, scores, threshold, seed=3)
     assert bootstrap_ci(labels, scores, threshold, seed=3) != bootstrap_ci(labels, scores, threshold, seed=4)
+
+
+def test_paired_auc_difference_on_a_case_worked_by_hand():
+    """Two pneumonias, two normals. Model a ranks them perfectly (AUC 1); b puts one pneumonia (0.2) below a
+    normal (0.3): AUC 0.75. DeLong's components: a's are all 1; b's pneumonias beat [1, 0.5] of the normals,
+    b's normals lie below [0.5, 1] of the pneumonias. Var(diff) = var([1, .5]) / 2 + var([.5, 1]) / 2 =
+    0.125 (sample variances), so z = 0.25 / sqrt(0.125) and p = 2 * (1 - Phi(z)) = 0.4795."""
+    labels = np.array([1, 1, 0, 0])
+    a, b = np.array([0.9, 0.8, 0.3, 0.1]), np.array([0.9, 0.2, 0.3, 0.1])
+    diff, lo, hi, p = paired_auc_difference(labels, a, b)
+    se = math.sqrt(0.125)
+    assert diff == pytest.approx(0.25)
+    assert p == pytest.approx(2 * norm.sf(0.25 / se), abs=1e-9) and p == pytest.approx(0.4795, abs=1e-4)
+    assert (lo, hi) == pytest.approx((0.25 - norm.ppf(0.975) * se, 0.25 + norm.ppf(0.975) * se))
+    assert paired_auc_difference(labels, b, a)[0] == pytest.approx(-0.25)  # antisymmetric
+    assert paired_auc_difference(labels, a, a) == (0.0, 0.0, 0.0, 1.0)  # identical predictions
+
+
+def test_paired_auc_difference_agrees_with_a_paired_bootstrap():
+    """On correlated models (b shares a's noise), DeLong's standard error is what a paired, stratified
+    bootstrap of the difference estimates, and it is far below what treating the two as independent gives."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(600) < 0.6).astype(int)
+    a = y + rng.normal(0, 1, 600)
+    b = y + 0.8 * (a - y) + rng.normal(0, 0.5, 600)
+    diff, lo, hi, p = paired_auc_difference(y, a, b)
+    assert diff == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b))
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    boot = []
+    for _ in range(1000):
+        i = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        boot.append(roc_auc_score(y[i], a[i]) - roc_auc_score(y[i], b[i]))
+    delong_se = (hi - lo) / (2 * norm.ppf(0.975))
+    assert delong_se == pytest.approx(np.std(boot), rel=0.15)
+    independent_se = math.hypot(*(np.std([roc_auc_score(y[i], m[i]) for i in (
+        np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) for _ in range(300))]) for m in (a, b)))
+    assert delong_se < 0.7 * independent_se
+    # a model that is plainly better is told apart
+    assert paired_auc_difference(y, 3 * y + rng.normal(0, 1, 600), b)[3] < 1e-6
+
+
+def test_the_leaderboard_says_in_words_which_rows_rank_1_does_not_beat():
+    from pneumo_ray.leaderboard import comparison_sentence
+
+    rows = [{"row": "1", "rank": 1, "model": "cnn_bn", "test_auc_vs_1_p": 1.0, "val_auc_vs_1_p": 1.0},
+            {"row": "2", "rank": 2, "model": "resnet18", "test_auc_vs_1_p": 0.30, "val_auc_vs_1_p": 0.01},
+            {"row": "ensemble", "rank": None, "model": "mean of top 2", "test_auc_vs_1_p": 0.001,
+             "val_auc_vs_1_p": 0.5}]
+    assert comparison_sentence(rows) == ("Not distinguishable from rank 1 by AUC (DeLong's paired test on the same "
+                                         "images, p >= 0.05): on test, #2 resnet18; on val, ensemble.")
+    rows[1]["test_auc_vs_1_p"] = 0.04
+    assert "on test, none;" in comparison_sentence(rows)
 
 
 def test_calibration_error_and_temperature_scaling():
@@ -186,6 +241,18 @@ def test_ensemble_beats_every_member_when_their_mistakes_differ(tmp_path):
             assert row["threshold"] == pytest.approx(youden_threshold(val_y, saved[f"val_{row['row']}"]))
         for m in ("acc", "auc", "sensitivity", "specificity", "f1", "acc@0.5"):
             assert row[f"test_{m}_lo"] <= row[f"test_{m}"] <= row[f"test_{m}_hi"], (row["rank"], m)
+    # Each row against rank 1, paired on the same images, on val and on test: DeLong's numbers, in the
+    # leaderboard and in words.
+    with np.load(exp_dir / "predictions.npz") as saved:
+        for row in rows:
+            for split, labels in (("val", val_y), ("test", test_y)):
+                expected = paired_auc_difference(labels, saved[f"{split}_{row['row']}"], saved[f"{split}_1"])
+                got = tuple(row[f"{split}_auc_vs_1{s}"] for s in ("", "_lo", "_hi", "_p"))
+                assert got == pytest.approx(expected), (row["row"], split)
+    assert (rows[0]["test_auc_vs_1"], rows[0]["test_auc_vs_1_p"]) == (0.0, 1.0)
+    assert ensemble["test_auc_vs_1"] > 0
+    board = (exp_dir / "leaderboard.md").read_text()
+    assert "AUC - #1 (p)" in board and "Not distinguishable from rank 1 by AUC" in board
     details = json.loads((exp_dir / "evaluation.json").read_text())
     assert details["settings"]["bootstrap_resamples"] == 1000
     assert np.array(details["rows"]["ensemble"]["confusion"]["tuned"]).trace() == n_test  # all correct

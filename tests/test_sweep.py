@@ -102,6 +102,8 @@ def test_smoke_sweep_writes_leaderboard_report_tensorboard_and_study(smoke_exper
     assert "Test leaderboard" in result.stdout and "report.html" in result.stdout
     report = (exp / "report.html").read_text()
     assert report.count("data:image/png;base64,") >= 6 and "optimization history" in report
+    assert "Not distinguishable from rank 1 by AUC" in report and "Not distinguishable from rank 1" in board
+    assert all(0 <= r["test_auc_vs_1_p"] <= 1 and 0 <= r["val_auc_vs_1_p"] <= 1 for r in rows)
 
     # Re-running the same name is refused before Ray starts, and nothing is touched.
     before = {p: p.stat().st_mtime_ns for p in exp.rglob("*")}
