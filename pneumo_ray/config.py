@@ -32,6 +32,9 @@ class DataConfig:
     size: int = 28
     root: str = "~/.medmnist"  # medmnist: folder holding pneumoniamnist[_SIZE].npz
     path: str | None = None  # npz file, or folder root of the Kaggle layout
+    # folder: decoded, resized images are kept here, keyed by the folder's content and the size, so the next
+    # sweep on the same folder skips decoding; null decodes every time. Never the source of truth.
+    cache_dir: str | None = "~/.cache/pneumo-ray"
     min_val_images: int = 50  # folder: a val split smaller than this is carved from train
     val_fraction: float = 0.1
     synthetic_train: int = 512
@@ -244,7 +247,7 @@ def _absolute_sqlite_url(url: str, base: Path) -> str:
 
 
 def resolve_paths(cfg: Config, base: Path) -> Config:
-    """A copy of ``cfg`` whose every local path (experiment.storage, data.root, data.path,
+    """A copy of ``cfg`` whose every local path (experiment.storage, data.root, data.path, data.cache_dir,
     model.weights_file, a SQLite search.optuna_storage) is absolute, relative ones taken from ``base``.
     Bucket URIs (s3://, gs://) stay as they are. Done once, in the driver, so the saved config and every
     Ray process name the same folder wherever they run."""
@@ -257,7 +260,8 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
         cfg,
         experiment=dataclasses.replace(e, storage=storage),
         data=dataclasses.replace(d, root=_absolute(d.root, base) if d.root else d.root,
-                                 path=_absolute(d.path, base) if d.path else d.path),
+                                 path=_absolute(d.path, base) if d.path else d.path,
+                                 cache_dir=_absolute(d.cache_dir, base) if d.cache_dir else None),
         model=dataclasses.replace(m, weights_file=_absolute(m.weights_file, base) if m.weights_file else None),
         search=dataclasses.replace(s, optuna_storage=_absolute_sqlite_url(s.optuna_storage, base)
                                    if s.optuna_storage else None),

@@ -7,6 +7,7 @@ training loop never knows where images came from. The driver loads once and puts
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -160,8 +161,6 @@ def read_gray(path: Path, size: int, center_crop: bool = False) -> np.ndarray:
 
 def _load_folder(cfg: DataConfig, seed: int) -> Splits:
     """Kaggle chest_xray layout: {train,val,test}/{NORMAL,PNEUMONIA}/* (folder names case-insensitive)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     root = Path(cfg.path).expanduser()
     if not root.is_dir():
         raise ConfigError(f"{root}: folder not found; expected {{train,val,test}}/{{NORMAL,PNEUMONIA}}/ images")
@@ -180,22 +179,11 @@ def _load_folder(cfg: DataConfig, seed: int) -> Splits:
             raise ConfigError(f"{root}: no images under {s}/NORMAL or {s}/PNEUMONIA; "
                               "expected the Kaggle chest_xray layout")
 
-    skipped: list[str] = []
-    arrays = {}
-
-    def read(item):
-        try:
-            return read_gray(item[0], cfg.size)
-        except Exception:
-            return None
-
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:  # PIL decode frees the GIL
-        for s in SPLITS:
-            images = list(pool.map(read, files[s]))
-            ok = [i for i, img in enumerate(images) if img is not None]
-            skipped += [str(files[s][i][0]) for i, img in enumerate(images) if img is None]
-            arrays[s] = (np.stack([images[i] for i in ok]) if ok else np.zeros((0, cfg.size, cfg.size), np.uint8),
-                         np.array([files[s][i][1] for i in ok], dtype=np.int64))
+    arrays, skipped = _decoded(files, cfg)
+    for s in ("train", "test"):
+        if not len(arrays[s][1]):
+            raise ConfigError(f"{root}: none of the {len(files[s])} images under {s}/ could be read "
+                              f"(e.g. {files[s][0][0].name}); replace them with readable PNG or JPEG files")
 
     if len(arrays["val"][1]) < cfg.min_val_images:
         # Kaggle's val split has 16 images: too few to select models on. Carve a stratified one from train.
@@ -211,6 +199,61 @@ def _load_folder(cfg: DataConfig, seed: int) -> Splits:
         log.warning("skipped %d unreadable image(s): %s%s", len(skipped), ", ".join(skipped[:10]),
                     " ..." if len(skipped) > 10 else "")
     return Splits(*arrays["train"], *arrays["val"], *arrays["test"], source=f"folder:{root}", skipped_files=skipped)
+
+
+def _decode(files: dict[str, list[tuple[Path, int]]], size: int) -> tuple[dict, list[str]]:
+    """Every listed image read at ``size`` px: split -> (images, labels), and the files that failed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(item):
+        try:
+            return read_gray(item[0], size)
+        except Exception:
+            return None
+
+    skipped: list[str] = []
+    arrays = {}
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:  # PIL decode frees the GIL
+        for s in SPLITS:
+            images = list(pool.map(read, files[s]))
+            ok = [i for i, img in enumerate(images) if img is not None]
+            skipped += [str(files[s][i][0]) for i, img in enumerate(images) if img is None]
+            arrays[s] = (np.stack([images[i] for i in ok]) if ok else np.zeros((0, size, size), np.uint8),
+                         np.array([files[s][i][1] for i in ok], dtype=np.int64))
+    return arrays, skipped
+
+
+def _content_key(files: dict[str, list[tuple[Path, int]]], size: int) -> str:
+    """A digest of every image's split, class, name and bytes, and the size: any change makes a new key."""
+    digest = hashlib.sha256(f"pneumo-ray folder cache 1, {size}px".encode())
+    for s in SPLITS:
+        for path, label in files[s]:
+            digest.update(f"{s}/{label}/{path.name}\0".encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:32]
+
+
+def _decoded(files: dict[str, list[tuple[Path, int]]], cfg: DataConfig) -> tuple[dict, list[str]]:
+    """``_decode``, through the cache in data.cache_dir when there is one. A cache file that cannot be
+    read is decoded again and replaced: the images are the source of truth, the cache only saves time."""
+    if not cfg.cache_dir:
+        return _decode(files, cfg.size)
+    cache = Path(cfg.cache_dir) / "folders" / f"{_content_key(files, cfg.size)}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache) as saved:
+                log.info("folder images from the cache %s", cache)
+                return ({s: (saved[f"{s}_x"], saved[f"{s}_y"]) for s in SPLITS},
+                        [str(p) for p in saved["skipped"]])
+        except Exception as err:  # truncated or foreign: decode again
+            log.warning("cache %s unreadable (%s); decoding the images again", cache, type(err).__name__)
+    arrays, skipped = _decode(files, cfg.size)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(partial, skipped=np.array(skipped, dtype=str),
+             **{f"{s}_{k}": arrays[s][i] for s in SPLITS for i, k in enumerate("xy")})
+    partial.replace(cache)  # atomic: a concurrent reader sees the old file or the whole new one
+    return arrays, skipped
 
 
 def make_synthetic(n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

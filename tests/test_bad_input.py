@@ -118,6 +118,16 @@ def test_empty_folder(tmp_path, capsys):
     assert code == 2 and "no images under train/NORMAL or train/PNEUMONIA" in err
 
 
+def test_folder_of_unreadable_images(tmp_path, capsys):
+    for split in ("train", "test"):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            (tmp_path / "xray" / split / cls).mkdir(parents=True)
+            (tmp_path / "xray" / split / cls / "scan.jpeg").write_bytes(b"not a jpeg")
+    code, err = run_main(capsys, "--config", str(SMOKE), "--storage", str(tmp_path),
+                         "--data", f"folder:{tmp_path / 'xray'}")
+    assert code == 2 and "none of the 2 images under train/ could be read" in err and "\n" not in err
+
+
 def test_bad_data_spec(tmp_path, capsys):
     code, err = run_main(capsys, "--config", str(SMOKE), "--data", "csv:foo")
     assert code == 2 and "--data csv:foo: expected synthetic" in err

@@ -65,7 +65,7 @@ def test_folder_source_skips_corrupt_files_and_carves_val(tmp_path, caplog):
     good = (root / "test" / "NORMAL" / "normal_1.jpeg").read_bytes()
     truncated.write_bytes(good[: len(good) // 3])
 
-    cfg = DataConfig(source="folder", path=str(root), size=28, min_val_images=10, val_fraction=0.2)
+    cfg = DataConfig(source="folder", path=str(root), size=28, min_val_images=10, val_fraction=0.2, cache_dir=None)
     splits = load_splits(cfg, seed=0)
 
     assert_splits_form(splits, 28)
@@ -77,6 +77,49 @@ def test_folder_source_skips_corrupt_files_and_carves_val(tmp_path, caplog):
     assert len(splits.test_y) == 20  # the truncated test image is not among them
     again = load_splits(cfg, seed=0)
     assert np.array_equal(splits.val_x, again.val_x), "the carved val split must be reproducible"
+
+
+def test_folder_cache_is_keyed_by_content_and_size_and_rebuilt_on_any_change(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pneumo_ray")
+    root, cache = tmp_path / "chest_xray", tmp_path / "cache"
+    make_kaggle_tree(root, {"train": (12, 20), "test": (6, 6)})
+    cfg = DataConfig(source="folder", path=str(root), size=28, min_val_images=10, cache_dir=str(cache))
+    uncached = DataConfig(**{**cfg.__dict__, "cache_dir": None})
+
+    def load_and_compare() -> list:
+        caplog.clear()
+        got, fresh = load_splits(cfg, seed=0), load_splits(uncached, seed=0)
+        for name in ("train", "val", "test"):
+            assert np.array_equal(got.split(name)[0], fresh.split(name)[0]), name
+            assert np.array_equal(got.split(name)[1], fresh.split(name)[1]), name
+        return sorted(cache.glob("folders/*.npz"))
+
+    first = load_and_compare()
+    assert len(first) == 1 and "from the cache" not in caplog.text
+    stamp = first[0].stat().st_mtime_ns
+    assert load_and_compare() == first and "from the cache" in caplog.text  # read, not decoded again
+    assert first[0].stat().st_mtime_ns == stamp
+    assert not list(cache.glob("folders/*.tmp*"))
+
+    changed = root / "train" / "NORMAL" / "0.png"  # same name and size, other pixels
+    Image.fromarray(np.full((40, 48), 7, np.uint8)).save(changed)
+    assert len(load_and_compare()) == 2 and "from the cache" not in caplog.text
+    Image.fromarray(np.full((40, 48), 9, np.uint8)).save(root / "test" / "NORMAL" / "added.png")
+    assert len(load_and_compare()) == 3 and "from the cache" not in caplog.text
+    (root / "test" / "NORMAL" / "added.png").unlink()  # back to the second folder: its cache is used again
+    assert len(load_and_compare()) == 3 and "from the cache" in caplog.text
+    (root / "test" / "PNEUMONIA" / "2.png").unlink()
+    assert len(load_and_compare()) == 4 and "from the cache" not in caplog.text
+    # another size is another cache
+    assert load_splits(DataConfig(**{**cfg.__dict__, "size": 32}), seed=0).image_size == 32
+    assert len(sorted(cache.glob("folders/*.npz"))) == 5
+
+    newest = max(cache.glob("folders/*.npz"), key=lambda p: p.stat().st_mtime_ns)
+    newest.write_bytes(b"not an npz")  # a damaged cache is never trusted: decoded again and replaced
+    assert load_splits(DataConfig(**{**cfg.__dict__, "size": 32}), seed=0).image_size == 32
+    assert "unreadable" in caplog.text and np.load(newest)["train_x"].shape[-1] == 32
 
 
 def test_augmentation_is_batched_and_switchable():
