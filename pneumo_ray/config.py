@@ -65,6 +65,7 @@ class TrainConfig:
     epochs: int = 10
     warmup_epochs: int = 1
     grad_clip: float = 1.0  # 0 turns it off
+    label_smoothing: float = 0.0  # cross-entropy's: the target puts this much weight evenly on both classes
     amp: bool = True  # used only where the device supports it (CUDA)
     eval_batch_size: int = 512
 
@@ -91,6 +92,14 @@ class SearchConfig:
     batch_size: list = field(default_factory=lambda: [64, 128])
     class_weighting: list = field(default_factory=lambda: ["none", "loss", "sampler"])
     freeze_depth: list = field(default_factory=lambda: [0])
+    # Optional dimensions, searched like the ones above when given two or more values; empty keeps the fixed
+    # value (model.head_dropout, train.label_smoothing, augment.rotation_deg, augment.crop_scale,
+    # train.epochs) for every trial.
+    head_dropout: list = field(default_factory=list)
+    label_smoothing: list = field(default_factory=list)
+    rotation_deg: list = field(default_factory=list)
+    crop_scale: list = field(default_factory=list)
+    epochs: list = field(default_factory=list)
     num_samples: int = 8
     max_concurrent_trials: int = 2
     metric: str = "val_auc"

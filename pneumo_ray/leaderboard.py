@@ -50,7 +50,8 @@ from pneumo_ray.metrics import (
 )
 from pneumo_ray.models import build_model
 
-HYPERPARAMS = ("optimizer", "lr", "weight_decay", "batch_size", "class_weighting", "freeze_depth")
+HYPERPARAMS = ("optimizer", "lr", "weight_decay", "batch_size", "class_weighting", "freeze_depth", "head_dropout",
+               "label_smoothing", "rotation_deg", "crop_scale", "epochs")
 ENSEMBLE = "ensemble"  # the ensemble row's label; its rank is None, since it is no trial
 HALF = "@0.5"  # suffix of the metrics at the naive 0.5 threshold
 
@@ -308,8 +309,11 @@ def versus_first(row: dict) -> str:
 
 
 def configs_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Each ranked trial's hyperparameters, kept epoch and temperature."""
-    return list(CONFIG_COLUMNS), [[_fmt(r[c]) for c in CONFIG_COLUMNS] for r in trial_rows(rows)]
+    """Each ranked trial's hyperparameters, kept epoch and temperature; a dimension no trial had (an
+    optional one the sweep did not search) is left out."""
+    ranked = trial_rows(rows)
+    columns = [c for c in CONFIG_COLUMNS if any(r[c] is not None for r in ranked)]
+    return columns, [[_fmt(r[c]) for c in columns] for r in ranked]
 
 
 def _markdown(header: list[str], body: list[list[str]]) -> list[str]:

@@ -7,10 +7,11 @@ does nothing. A dimension with a single value is returned as a constant.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from pneumo_ray.config import Config
-from pneumo_ray.validation import RANGES, searched_dimensions
+from pneumo_ray.validation import OPTIONAL_DIMENSIONS, RANGES, searched_dimensions
 
 
 class DefineByRun:
@@ -46,7 +47,21 @@ class DefineByRun:
             categorical("freeze_depth", s.freeze_depth)
         else:
             constants["freeze_depth"] = 0
+        for name in OPTIONAL_DIMENSIONS:  # only those the config names; the rest keep their fixed value
+            if getattr(s, name):
+                categorical(name, getattr(s, name))
         return constants
+
+
+def with_trial_params(cfg: Config, params: dict) -> Config:
+    """The config one trial trains with: ``cfg`` with the trial's values of the optional dimensions
+    (head dropout, label smoothing, rotation, crop scale, epochs) in the fields they stand for."""
+    sections = {}
+    for name, (section, field) in OPTIONAL_DIMENSIONS.items():
+        if name in params:
+            sections.setdefault(section, {})[field] = params[name]
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **fields)
+                                       for section, fields in sections.items()})
 
 
 def stratified_start(cfg: Config) -> list[dict]:

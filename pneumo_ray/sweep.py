@@ -20,6 +20,7 @@ from pneumo_ray import config as config_mod
 from pneumo_ray.config import Config, ConfigError, selection_mode
 from pneumo_ray.data import Splits, load_splits
 from pneumo_ray.layout import CONFIG_FILE, LEADERBOARD_OUTPUTS, SEARCHER_STATE_GLOB, default_study_url
+from pneumo_ray.validation import trial_epochs
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def make_tuner(cfg: Config, splits: Splits, resume: bool, concurrency: int):
         space=DefineByRun(cfg), metric=s.metric, mode=mode,
         points_to_evaluate=[dict(p) for p in s.initial_points] + stratified_start(cfg) or None,
         sampler=make_sampler(cfg), study_name=cfg.experiment.name, storage=optuna.storages.RDBStorage(study_url))
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.asha.grace_period,
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=max(trial_epochs(cfg)), grace_period=s.asha.grace_period,
                                reduction_factor=s.asha.reduction_factor) if s.asha.enabled else FIFOScheduler())
     return tune.Tuner(
         trainable,

@@ -29,6 +29,7 @@ from pneumo_ray.data import Splits
 from pneumo_ray.evaluate import evaluate
 from pneumo_ray.layout import META_FILE, MODEL_FILE, STATE_FILE
 from pneumo_ray.models import build_model, freeze, head_prefix, is_head_param, set_train_mode, unwrap
+from pneumo_ray.search_space import with_trial_params
 
 VAL_METRICS = ("val_loss", "val_acc", "val_balanced_acc", "val_auc", "val_f1", "val_sensitivity", "val_specificity")
 
@@ -217,7 +218,7 @@ def train_epoch(run: Run, cfg: Config, params: dict, train_x: torch.Tensor, trai
                           run.aug_gen)
         y = torch.from_numpy(train_y[idx.numpy()]).to(device)
         with torch.autocast(device.type, enabled=use_amp):
-            loss = F.cross_entropy(run.model(x), y, weight=loss_weight)
+            loss = F.cross_entropy(run.model(x), y, weight=loss_weight, label_smoothing=cfg.train.label_smoothing)
         if _diverged(loss, session.world_size):
             raise LossDiverged(f"diverged: loss became {loss.item()} at epoch {run.epoch + 1} step {step + 1} "
                                f"(lr={params['lr']:.3g}, optimizer={params['optimizer']}, model={params['model']})")
@@ -238,6 +239,7 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
     """Train one trial; report train loss and val metrics (rank 0) to the session every epoch, with a
     checkpoint. A diverged loss is reported and stops the trial. Returns the model, unwrapped from DDP."""
     torch.set_num_threads(session.threads)  # the trial's CPU share, so concurrent trials don't oversubscribe
+    cfg = with_trial_params(cfg, params)  # the optional dimensions this trial searched, in their fields
     run = build_run(cfg, params, splits, session)
     restored = session.latest_checkpoint()
     if restored:

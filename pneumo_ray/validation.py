@@ -27,6 +27,10 @@ THRESHOLD_RULES = ("youden", "sensitivity")
 SELECTION_METRICS = ("val_auc", "val_acc", "val_balanced_acc", "val_f1", "val_loss")
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RANGES = ("lr", "weight_decay")  # [low, high] log ranges; every other searched dimension is a list of choices
+# Optional search dimensions -> the (section, field) each one sets for its trial when searched.
+OPTIONAL_DIMENSIONS = {"head_dropout": ("model", "head_dropout"), "label_smoothing": ("train", "label_smoothing"),
+                       "rotation_deg": ("augment", "rotation_deg"), "crop_scale": ("augment", "crop_scale"),
+                       "epochs": ("train", "epochs")}
 
 
 def searched_dimensions(cfg: Config) -> list[str]:
@@ -36,12 +40,26 @@ def searched_dimensions(cfg: Config) -> list[str]:
     dims += [name for name in RANGES if getattr(s, name)[0] != getattr(s, name)[-1]]
     if cfg.model.pretrained and len(set(s.freeze_depth)) > 1:
         dims.append("freeze_depth")
+    dims += [name for name in OPTIONAL_DIMENSIONS if len(set(getattr(s, name))) > 1]
     return dims
+
+
+def trial_epochs(cfg: Config) -> list[int]:
+    """Every epoch count a trial may train for: search.epochs, or train.epochs."""
+    return list(cfg.search.epochs) or [cfg.train.epochs]
 
 
 def _check(ok: bool, path: str, message: str):
     if not ok:
         raise ConfigError(f"{path}: {message}")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_choices(values: list, allowed, path: str):
@@ -108,8 +126,11 @@ def _validate_model_and_train(cfg: Config) -> None:
         _check(Path(m.weights_file).expanduser().is_file(), "model.weights_file",
                f"{m.weights_file} not found; point it at a local timm weights file (.safetensors/.pth)")
     _check(t.epochs >= 1, "train.epochs", "must be >= 1")
-    _check(0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", "must be >= 0 and below train.epochs")
-    _check(m.head_warmup_epochs < t.epochs, "model.head_warmup_epochs", "must be below train.epochs")
+    # the fewest epochs a trial may train; bad search.epochs values are reported by the search's checks
+    fewest = min((e for e in trial_epochs(cfg) if _whole(e) and e >= 1), default=t.epochs)
+    _check(0 <= t.warmup_epochs < fewest, "train.warmup_epochs", "must be >= 0 and below every trial's epochs")
+    _check(m.head_warmup_epochs < fewest, "model.head_warmup_epochs", "must be below every trial's epochs")
+    _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
 
@@ -138,6 +159,12 @@ def _validate_search(cfg: Config) -> None:
     if not cfg.model.pretrained:
         _check(s.freeze_depth == [0], "search.freeze_depth",
                "freezing only makes sense for pretrained weights; set model.pretrained: true or use [0]")
+    for name, (low, high, whole) in {"head_dropout": (0, 0.99, False), "label_smoothing": (0, 0.99, False),
+                                     "rotation_deg": (0, 180, False), "crop_scale": (0.3, 1, False),
+                                     "epochs": (1, 10_000, True)}.items():
+        for v in getattr(s, name):
+            _check((_whole(v) if whole else _number(v)) and low <= v <= high, f"search.{name}",
+                   f"values must be {'whole numbers' if whole else 'numbers'} in {low}..{high}, got {v!r}")
     _check(s.num_samples >= 1, "search.num_samples", "must be >= 1")
     _check(s.max_concurrent_trials >= 1, "search.max_concurrent_trials", "must be >= 1")
     _check_choices([s.sampler], SAMPLERS, "search.sampler")

@@ -56,6 +56,11 @@ def run_main(capsys, *args) -> tuple[int, str]:
     ({"leaderboard__threshold": "f1"}, "leaderboard.threshold: unknown value 'f1'; choose from youden, sensitivity"),
     ({"leaderboard__min_sensitivity": 1.5}, "leaderboard.min_sensitivity: must be in (0, 1]"),
     ({"leaderboard__bootstrap_resamples": 100}, "leaderboard.bootstrap_resamples: must be >= 1000"),
+    ({"search__epochs": [0, 3]}, "search.epochs: values must be whole numbers in 1..10000, got 0"),
+    ({"search__crop_scale": [0.8, 2]}, "search.crop_scale: values must be numbers in 0.3..1, got 2"),
+    ({"search__head_dropout": ["high"]}, "search.head_dropout: values must be numbers in 0..0.99"),
+    ({"train__label_smoothing": 1.5}, "train.label_smoothing: must be in [0, 1)"),
+    ({"train__warmup_epochs": 2, "search__epochs": [2, 6]}, "train.warmup_epochs: must be >= 0 and below every"),
 ])
 def test_bad_config_values_are_one_line_errors(tmp_path, capsys, override, expected):
     code, err = run_main(capsys, "--config", str(smoke_with(tmp_path, **override)), "--storage", str(tmp_path))

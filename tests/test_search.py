@@ -121,3 +121,33 @@ def test_ray_optuna_search_runs_the_stratified_start():
         assert 1e-4 <= params["lr"] <= 1e-2 and 1e-6 <= params["weight_decay"] <= 1e-3
     assert len({round(p["lr"], 12) for p in suggested[:4]}) == 4  # drawn, not fixed
     assert sorted(p["optimizer"] for p in suggested[:4]) == ["adamw", "adamw", "sgd", "sgd"]
+
+
+def test_optional_dimensions_are_searched_only_when_given_and_reach_the_trial():
+    from pneumo_ray.search_space import with_trial_params
+    from pneumo_ray.validation import searched_dimensions
+
+    plain = config.from_dict({"data": {"source": "synthetic"}})
+    assert not {"head_dropout", "label_smoothing", "rotation_deg", "crop_scale", "epochs"} & set(
+        searched_dimensions(plain))
+    cfg = config.from_dict({"data": {"source": "synthetic"}, "train": {"epochs": 6},
+                            "search": {"head_dropout": [0.0, 0.5], "label_smoothing": [0.1],
+                                       "rotation_deg": [0, 20], "crop_scale": [0.7, 1.0], "epochs": [2, 4]}})
+    assert {"head_dropout", "rotation_deg", "crop_scale", "epochs"} <= set(searched_dimensions(cfg))
+    assert "label_smoothing" not in searched_dimensions(cfg)  # one value: fixed, not searched
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        params = {**DefineByRun(cfg)(trial), **trial.params}
+        assert params["label_smoothing"] == 0.1 and params["epochs"] in (2, 4)
+        mine = with_trial_params(cfg, params)
+        assert (mine.model.head_dropout, mine.train.label_smoothing, mine.augment.rotation_deg,
+                mine.augment.crop_scale, mine.train.epochs) == (params["head_dropout"], 0.1, params["rotation_deg"],
+                                                                params["crop_scale"], params["epochs"])
+        seen.add((params["head_dropout"], params["epochs"]))
+        study.tell(trial, 0.5)
+    assert len(seen) == 4  # every combination came up: they are real dimensions
+    assert cfg.train.epochs == 6 and cfg.model.head_dropout == 0.2  # the sweep's own config is untouched
+    assert with_trial_params(plain, {"lr": 1e-3}) == plain  # a trial without them trains with the fixed values

@@ -41,6 +41,23 @@ def test_loss_falls_in_process():
     assert session.history[-1]["val_auc"] > 0.8
 
 
+def test_a_trial_trains_with_its_own_epochs_dropout_and_label_smoothing(tmp_path):
+    """The optional search dimensions reach the loop: the trial's epoch count (not train.epochs), its head
+    dropout (in the model and in the checkpoint's meta, which the leaderboard rebuilds the model from) and
+    its label smoothing (the same seeded run, smoothed, pays more loss for the same confident answers)."""
+    cfg = small_cfg(epochs=3)
+    splits = load_splits(cfg.data)
+    session = LocalSession(threads=1, checkpoint_dir=str(tmp_path))
+    params = {**PARAMS, "model": "mlp", "epochs": 2, "head_dropout": 0.5, "label_smoothing": 0.4}
+    model = fit(cfg, params, splits, session)
+    assert [h["epoch"] for h in session.history] == [1, 2]
+    assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]
+    assert json.loads((tmp_path / "meta.json").read_text())["head_dropout"] == 0.5
+    unsmoothed = LocalSession(threads=1)
+    fit(cfg, {**params, "label_smoothing": 0.0}, splits, unsmoothed)
+    assert session.history[-1]["train_loss"] > unsmoothed.history[-1]["train_loss"] + 0.05
+
+
 class Interrupted(RuntimeError):
     pass
 
