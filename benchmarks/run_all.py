@@ -23,7 +23,9 @@ PLANS = {
              ["search_efficiency.py", "--epochs", "3", "--repeats", "3"],
              # the same search on about a tenth of the train split, 5 epochs a trial: a harder problem (30 min)
              ["search_efficiency.py", "--epochs", "5", "--max-train", "500", "--repeats", "5", "--name", "search_lowdata"],
-             ["ray_background.py"]],
+             ["ray_background.py"],
+             # the real chest X-ray folder, decoded against read from the cache (skips itself without the folder)
+             ["folder_cache.py", "--sizes", "64", "128", "224"]],
     # 574 s in the slowest hour yet measured (fp32 matmul 91-162 GFLOP/s, against 196-225 usually), since the
     # benchmark sweeps stop after the search (f48ca92: no test leaderboard or report, 9-12 s a sweep). Before that,
     # 551 s at the usual speed and 703 s in a slow hour (matmul 135). A 256-image search (749 s) or 2 seeds (676 s)
@@ -31,7 +33,8 @@ PLANS = {
     "quick": [["epoch_cost.py", "--epochs", "1", "--max-train", "512", "--pairs", "2"],
               ["startup.py", "--trials", "3", "--ddp-trials", "2", "--max-train", "512"],
               ["search_efficiency.py", "--epochs", "2", "--max-train", "512", "--quick", "--grid-points", "4",
-               "--repeats", "3"]],
+               "--repeats", "3"],
+              ["folder_cache.py", "--sizes", "64", "--repeats", "1"]],
     "smoke": [["epoch_cost.py", "--epochs", "1", "--max-train", "256", "--model", "cnn_bn", "--pairs", "2"],
               ["startup.py", "--trials", "2", "--ddp-trials", "2", "--max-train", "256", "--import-repeats", "1"],
               ["search_efficiency.py", "--quick", "--grid-points", "2", "--epochs", "1", "--max-train", "256",
