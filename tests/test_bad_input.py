@@ -128,7 +128,8 @@ def test_folder_of_unreadable_images(tmp_path, capsys):
         for cls in ("NORMAL", "PNEUMONIA"):
             (tmp_path / "xray" / split / cls).mkdir(parents=True)
             (tmp_path / "xray" / split / cls / "scan.jpeg").write_bytes(b"not a jpeg")
-    code, err = run_main(capsys, "--config", str(SMOKE), "--storage", str(tmp_path),
+    cfg = smoke_with(tmp_path, data__cache_dir=str(tmp_path / "cache"))  # not the user's own cache folder
+    code, err = run_main(capsys, "--config", str(cfg), "--storage", str(tmp_path),
                          "--data", f"folder:{tmp_path / 'xray'}")
     assert code == 2 and "none of the 2 images under train/ could be read" in err and "\n" not in err
 
