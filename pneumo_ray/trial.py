@@ -121,6 +121,7 @@ def reuse_trial_processes(cfg: Config) -> bool:
 def train_worker(loop_config: dict) -> None:
     """Ray Train's entry point on each worker. The trainer holds it by reference to this light module,
     so the trial's coordinator never imports the training stack; the worker does, here."""
+    import psutil  # a Ray dependency
     import ray
 
     worker_ready_at = time.time()  # Ray Train's own start-up ends here; ours begins
@@ -129,8 +130,6 @@ def train_worker(loop_config: dict) -> None:
     cfg = loop_config["cfg"]
     session = RaySession(threads=max(1, int(cfg.resources.cpus_per_worker)),
                          diverged_file=loop_config["diverged_file"], started_at=loop_config.get("started_at"))
-    import psutil  # a Ray dependency
-
     # Where a TorchTrainer trial's start-up goes, reported with epoch 1.
     session.startup_marks = {"worker_spawned": psutil.Process().create_time(), "worker_ready": worker_ready_at}
     fit(cfg, loop_config["params"], ray.get(loop_config["splits_ref"]), session)  # zero-copy numpy views
