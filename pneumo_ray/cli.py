@@ -69,7 +69,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from pneumo_ray.layout import LEADERBOARD_MD
 
     cfg = config.load(args.config, sweep_overrides(args))
-    prepared = sweep.prepare(cfg, resume=args.resume)  # every check that can fail does so before Ray starts
+    # every check that can fail does so before Ray starts
+    prepared = sweep.prepare(cfg, resume=args.resume, local=not args.address)
     exp, exp_uri = prepared.cfg.experiment, prepared.cfg.experiment_uri
     try:
         outcome = sweep.run(prepared, address=args.address)

@@ -40,6 +40,27 @@ def job_env_vars(cfg: Config, local: bool = False) -> dict[str, str]:
     return env
 
 
+def workers_per_run(cfg: Config) -> int:
+    """The Ray Train workers of one trial: workers_per_trial DDP workers for each of its models (one, or
+    one per fold under data.cv_folds)."""
+    return cfg.resources.workers_per_trial * max(1, cfg.data.cv_folds)
+
+
+def check_fits_here(cfg: Config) -> None:
+    """A trial that needs more CPUs than this machine has would wait for them forever on the local Ray."""
+    from pneumo_ray.errors import ConfigError
+
+    r, cores = cfg.resources, os.cpu_count() or 1
+    need = workers_per_run(cfg) * r.cpus_per_worker
+    if need > cores + 1e-9:
+        folds = f" ({cfg.data.cv_folds} folds x {r.workers_per_trial})" if cfg.data.cv_folds else ""
+        most = math.floor(cores / workers_per_run(cfg) * 100) / 100
+        fix = f"set cpus_per_worker <= {most:g}" if most >= 0.1 else "use fewer workers or folds"
+        raise ConfigError(f"resources.cpus_per_worker: a trial needs {workers_per_run(cfg)} workers{folds} x "
+                          f"{r.cpus_per_worker:g} CPU = {need:g} CPUs, this machine has {cores}; {fix}, or pass "
+                          "--address to run on a cluster")
+
+
 def resolve_gpus(cfg: Config, cluster_resources: dict) -> Config:
     """A copy of ``cfg`` with gpus_per_worker: auto settled: 1 GPU per worker where the cluster has GPUs,
     else CPU training. An explicit number is kept."""
@@ -90,7 +111,7 @@ def init_ray(cfg: Config, address: str | None) -> int:
         return s.max_concurrent_trials
     start_local_ray(cfg)
     cores = os.cpu_count() or 1
-    per_trial = r.workers_per_trial * r.cpus_per_worker
+    per_trial = workers_per_run(cfg) * r.cpus_per_worker
     fits = max(1, math.floor(cores / per_trial + 1e-9))
     if fits < s.max_concurrent_trials:
         log.info("%d cores fit %d trial(s) of %g CPUs at once; running %d concurrently instead of "

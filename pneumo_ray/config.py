@@ -40,6 +40,10 @@ class DataConfig:
     synthetic_train: int = 512
     synthetic_val: int = 128
     synthetic_test: int = 128
+    # K >= 2: pool the labelled images (train + val) into K stratified folds; each trial trains K fold-models
+    # and is selected on their mean val metric, its threshold and temperature on their out-of-fold
+    # predictions. 0 selects on the val split, as it comes.
+    cv_folds: int = 0
 
 
 @dataclass

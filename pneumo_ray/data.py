@@ -7,6 +7,7 @@ training loop never knows where images came from. The driver loads once and puts
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -35,6 +36,8 @@ class Splits:
     class_names: tuple = CLASS_NAMES
     source: str = ""
     skipped_files: list = field(default_factory=list)  # unreadable images the folder source passed over
+    # data.cv_folds: the fold (0..K-1) of each pooled image, the pool being train then val; None: no CV
+    folds: np.ndarray | None = None
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
@@ -48,20 +51,52 @@ class Splits:
         x = self.train_x.astype(np.float32) / 255.0
         return float(x.mean()), float(x.std() + 1e-6)
 
+    @property
+    def cv_folds(self) -> int:
+        return 0 if self.folds is None else int(self.folds.max()) + 1
+
+    def pool(self) -> tuple[np.ndarray, np.ndarray]:
+        """The labelled images that cross-validation splits into folds: train, then val."""
+        return np.concatenate([self.train_x, self.val_x]), np.concatenate([self.train_y, self.val_y])
+
+    def fold(self, k: int) -> Splits:
+        """Fold ``k`` as splits of its own: the other folds train, fold ``k`` validates, test is the same."""
+        x, y = self.pool()
+        held_out = self.folds == k
+        return dataclasses.replace(self, train_x=x[~held_out], train_y=y[~held_out], val_x=x[held_out],
+                                   val_y=y[held_out], folds=None)
+
     def summary(self) -> str:
         parts = []
         for name in SPLITS:
             _, y = self.split(name)
             counts = np.bincount(y, minlength=len(self.class_names))
             parts.append(f"{name} {len(y)} ({'/'.join(str(c) for c in counts)})")
-        return f"{self.source}: {self.image_size}px, " + ", ".join(parts) + f" [{'/'.join(self.class_names)}]"
+        folds = f", {self.cv_folds} CV folds over train+val" if self.folds is not None else ""
+        return f"{self.source}: {self.image_size}px, " + ", ".join(parts) + f" [{'/'.join(self.class_names)}]" + folds
 
 
 def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
     loaders = {"medmnist": _load_medmnist, "npz": _load_npz, "folder": _load_folder, "synthetic": _load_synthetic}
     splits = loaders[cfg.source](cfg, seed)
     check_splits(splits, where=splits.source)
-    return splits
+    return with_folds(splits, cfg.cv_folds, seed) if cfg.cv_folds else splits
+
+
+def with_folds(splits: Splits, k: int, seed: int) -> Splits:
+    """``splits`` with the pool (train + val) assigned to ``k`` stratified folds, shuffled by ``seed``. Made
+    once, in the driver, and carried with the images, so every worker and the leaderboard agree on them."""
+    from sklearn.model_selection import StratifiedKFold
+
+    _, y = splits.pool()
+    smallest = int(np.bincount(y, minlength=len(splits.class_names)).min())
+    if k > smallest:
+        raise ConfigError(f"data.cv_folds: {k} folds need at least {k} images of each class in train+val, "
+                          f"{splits.source} has {smallest} of its rarest; use data.cv_folds <= {smallest}")
+    folds = np.empty(len(y), dtype=np.int64)
+    for fold, (_, held_out) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(y, y)):
+        folds[held_out] = fold
+    return dataclasses.replace(splits, folds=folds)
 
 
 def check_splits(splits: Splits, where: str) -> None:

@@ -11,8 +11,9 @@
         leaderboard.{md,csv,json}, evaluation.json, predictions.npz, report.html
         best/rank<N>_<id>/          the leaderboard's copy of each ranked trial's checkpoint
 
-A checkpoint folder holds model.pt, train_state.pt and meta.json. Nothing here imports torch or Ray,
-so every process can know the names.
+A checkpoint folder holds model.pt, train_state.pt and meta.json; with data.cv_folds: K, meta.json (the
+fold mean's metrics) and fold_0/ .. fold_<K-1>/, each holding one fold-model's three files. Nothing here
+imports torch or Ray, so every process can know the names.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ CHECKPOINT_GLOB = "checkpoint_*"
 MODEL_FILE = "model.pt"  # weights only: what the leaderboard and predict load
 STATE_FILE = "train_state.pt"  # optimizer, scheduler, scaler and RNG state: what a retried trial resumes from
 META_FILE = "meta.json"  # model name, hyperparameters, normalisation, this epoch's metrics
+
+
+def fold_dir_name(fold: int) -> str:
+    """The sub-folder of a cross-validated checkpoint that holds fold-model ``fold``."""
+    return f"fold_{fold}"
+
 
 # What the leaderboard step writes (a cloud experiment gets these uploaded back).
 LEADERBOARD_JSON = "leaderboard.json"

@@ -37,6 +37,7 @@ from pneumo_ray.layout import (
     TRIAL_ERROR_FILE,
     TRIAL_RESULT_FILE,
     best_copy_name,
+    fold_dir_name,
 )
 from pneumo_ray.metrics import (
     CI_METRICS,
@@ -108,16 +109,55 @@ def load_model(checkpoint_dir: Path, meta: dict) -> torch.nn.Module:
     return model.eval()
 
 
+def load_members(checkpoint_dir: Path, meta: dict) -> list[tuple[torch.nn.Module, dict]]:
+    """The models of one checkpoint, each with its meta.json: the trial's model, or its fold-models in fold
+    order when it was cross-validated (meta.json's ``cv_folds``)."""
+    if not meta.get("cv_folds"):
+        return [(load_model(checkpoint_dir, meta), meta)]
+    members = []
+    for fold in range(meta["cv_folds"]):
+        folder = checkpoint_dir / fold_dir_name(fold)
+        fold_meta = json.loads((folder / META_FILE).read_text())
+        members.append((load_model(folder, fold_meta), fold_meta))
+    return members
+
+
+def selection_labels(splits: Splits) -> np.ndarray:
+    """The labels that the threshold and temperature are chosen on: val's, or under CV the whole pool's,
+    each image predicted out of fold."""
+    return splits.val_y if splits.folds is None else splits.pool()[1]
+
+
+def member_margins(members: list[tuple[torch.nn.Module, dict]], splits: Splits, cfg: Config,
+                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A ranked trial's logit margins: on val (under CV: each pooled image by the fold-model that did not
+    train on it), and on test by each of its models."""
+    def margins(model, meta, images):
+        return predict_margin(model, images, meta["mean"], meta["std"], meta["normalize"], torch.device("cpu"),
+                              cfg.train.eval_batch_size, cfg.leaderboard.flip_tta)
+
+    tests = [margins(model, meta, splits.test_x) for model, meta in members]
+    if splits.folds is None:
+        model, meta = members[0]
+        return margins(model, meta, splits.val_x), tests
+    pool_x, _ = splits.pool()
+    out_of_fold = np.full(len(pool_x), np.nan)
+    for model, meta in members:
+        held_out = splits.folds == meta["fold"]
+        out_of_fold[held_out] = margins(model, meta, pool_x[held_out])
+    return out_of_fold, tests
+
+
 def best_copy(exp_dir: Path, rank: int, trial_id: str) -> Path:
     """Where the leaderboard keeps the checkpoint of rank ``rank``: best/rank<N>_<trial id>."""
     return exp_dir / BEST_DIR / best_copy_name(rank, trial_id)
 
 
-def load_ranked(exp_dir: Path, row: dict) -> tuple[torch.nn.Module, dict]:
-    """The model of a leaderboard row, and its meta.json, from the leaderboard's own copy."""
+def load_ranked(exp_dir: Path, row: dict) -> list[tuple[torch.nn.Module, dict]]:
+    """The models of a leaderboard row (one, or one per fold), each with its meta.json, from the
+    leaderboard's own copy."""
     folder = best_copy(exp_dir, row["rank"], row["trial_id"])
-    meta = json.loads((folder / META_FILE).read_text())
-    return load_model(folder, meta), meta
+    return load_members(folder, json.loads((folder / META_FILE).read_text()))
 
 
 def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
@@ -136,18 +176,22 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
     for stale in (exp_dir / BEST_DIR).glob("rank*_*"):  # copies from an earlier ranking (a resume, a report re-run)
         if stale.name not in keep_names:
             shutil.rmtree(stale)
-    rows, probs = [], {}
+    rows, probs, val_y = [], {}, selection_labels(splits)
     for rank, cand in enumerate(top, start=1):
         meta = cand["meta"]
         keep = best_copy(exp_dir, rank, cand["trial_id"])
         if keep.exists():  # a resumed sweep rebuilds the leaderboard: a fresh copy of the same checkpoint
             shutil.rmtree(keep)
         shutil.copytree(cand["checkpoint_dir"], keep)
-        model = load_model(keep, meta)
-        margins = [predict_margin(model, x, meta["mean"], meta["std"], meta["normalize"], torch.device("cpu"),
-                                  cfg.train.eval_batch_size, lb.flip_tta) for x in (splits.val_x, splits.test_x)]
-        temperature = fit_temperature(splits.val_y, margins[0]) if lb.temperature_scaling else 1.0
-        probs[str(rank)] = [expit(m / temperature) for m in margins]
+        if meta.get("cv_folds", 0) != splits.cv_folds:
+            raise NothingToRank(f"{cand['checkpoint_dir']}: trained with data.cv_folds {meta.get('cv_folds', 0)}, "
+                                f"but the data was split into {splits.cv_folds}; report with the experiment's own "
+                                "config")
+        val_margins, test_margins = member_margins(load_members(keep, meta), splits, cfg)
+        temperature = fit_temperature(val_y, val_margins) if lb.temperature_scaling else 1.0
+        # A cross-validated trial's test probability is the mean of its fold-models' (no refit on the pool).
+        probs[str(rank)] = [expit(val_margins / temperature),
+                            np.mean([expit(m / temperature) for m in test_margins], axis=0)]
         # row: the label each output knows the row by (predictions.npz, evaluation.json, the report)
         row = {"row": str(rank), "rank": rank, "trial_id": cand["trial_id"], "model": meta["model"]}
         row.update({h: meta["params"].get(h) for h in HYPERPARAMS})
@@ -158,22 +202,23 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
         rows.append(row)
     if lb.ensemble and len(rows) >= 2:
         probs[ENSEMBLE] = [np.mean([p[i] for p in probs.values()], axis=0) for i in (0, 1)]  # val, test
-        val_metrics = binary_metrics(splits.val_y, probs[ENSEMBLE][0], prefix="val_")  # no val_loss: stays empty
+        val_metrics = binary_metrics(val_y, probs[ENSEMBLE][0], prefix="val_")  # no val_loss: stays empty
         rows.append({**dict.fromkeys(rows[0]), "row": ENSEMBLE, "trial_id": "+".join(r["trial_id"] for r in rows),
                      "model": f"mean of top {len(rows)}", metric: val_metrics.get(metric), "checkpoint": ""})
     details = {}
     for row in rows:
-        summary, details[row["row"]] = score(splits.val_y, probs[row["row"]][0], splits.test_y,
+        summary, details[row["row"]] = score(val_y, probs[row["row"]][0], splits.test_y,
                                              probs[row["row"]][1], lb, cfg.experiment.seed)
-        summary.update(compare_with_first(probs[row["row"]], probs["1"], splits.val_y, splits.test_y))
+        summary.update(compare_with_first(probs[row["row"]], probs["1"], val_y, splits.test_y))
         checkpoint = row.pop("checkpoint")
         row.update(summary, checkpoint=checkpoint)  # checkpoint stays the last column
     settings = {"selection_metric": metric, "threshold_rule": lb.threshold, "min_sensitivity": lb.min_sensitivity,
                 "bootstrap_resamples": lb.bootstrap_resamples, "bootstrap_seed": cfg.experiment.seed,
                 "confidence_level": 0.95, "flip_tta": lb.flip_tta, "temperature_scaling": lb.temperature_scaling,
-                "data_source": cfg.data.source}  # predict reads new images the way this source made its images
+                "data_source": cfg.data.source,  # predict reads new images the way this source made its images
+                "cv_folds": splits.cv_folds}  # > 0: "val" is out-of-fold over train+val, test the fold-models' mean
     (exp_dir / EVALUATION_FILE).write_text(json.dumps({"settings": settings, "rows": details}, indent=1))
-    np.savez(exp_dir / PREDICTIONS_FILE, val_y=splits.val_y, test_y=splits.test_y,
+    np.savez(exp_dir / PREDICTIONS_FILE, val_y=val_y, test_y=splits.test_y,
              **{f"{split}_{key}": p[i] for key, p in probs.items() for i, split in enumerate(("val", "test"))})
     save_rows(exp_dir, rows, settings)
     return rows
@@ -279,7 +324,13 @@ def describe(settings: dict | None) -> str:
                                       ("flip_tta", "flip test-time augmentation")) if settings.get(flag)]
     if extras:  # the members' val metric is the one training recorded, which had neither
         extras.append("the ensemble's val metric includes them, its members' (from training) do not")
-    return (f"Threshold chosen on val: {rule}. Brackets: 95% intervals from a stratified bootstrap of the test split "
+    folds = settings.get("cv_folds", 0)
+    cv = (f"Selection by {folds}-fold cross-validation over train+val: each trial's val metric is its {folds} "
+          f"fold-models' mean; val thresholds, temperatures and val columns come from their out-of-fold "
+          f"predictions (every pooled image predicted once, by the fold-model that did not train on it); test "
+          f"probabilities are the mean of the {folds} fold-models'. ") if folds else ""
+    return (cv + f"Threshold chosen on val: {rule}. Brackets: 95% intervals from a stratified bootstrap of the test "
+            "split "
             f"({settings['bootstrap_resamples']} resamples, seed {settings['bootstrap_seed']}), except AUC - #1: the "
             "row's test AUC minus rank 1's on the same images, with DeLong's paired interval and p-value"
             + (f"; {', '.join(extras)}" if extras else "") + ". The test split is read once, here.")

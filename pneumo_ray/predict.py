@@ -78,9 +78,8 @@ def load_predictor(exp_dir: Path, rank: int = 1, ensemble: bool = False) -> Pred
         chosen = ranked[rank - 1]
         members, description = [chosen], f"rank {rank} ({chosen['model']}, trial {chosen['trial_id']})"
     loaded = []
-    for row in members:
-        model, meta = load_ranked(exp_dir, row)
-        loaded.append(Member(model, meta, row.get("temperature") or 1.0))
+    for row in members:  # a cross-validated row is its fold-models, each weighted as one member
+        loaded.extend(Member(model, meta, row.get("temperature") or 1.0) for model, meta in load_ranked(exp_dir, row))
     source = settings.get("data_source", "folder")
     return Predictor(loaded, chosen["threshold"], settings.get("flip_tta", False),
                      f"{description}, threshold {chosen['threshold']:.3f} ({settings['threshold_rule']} on val)",

@@ -211,8 +211,8 @@ def gradcam_section(exp_dir: Path, rows: list[dict], preds, splits: Splits, coun
 
     out = ["<h2>Grad-CAM (test images)</h2>"]
     for r in trial_rows(rows):  # the best-ranked model that has a feature map to explain
-        model, meta = load_ranked(exp_dir, r)
-        if cam_layer(model, splits.image_size) is not None:
+        members = load_ranked(exp_dir, r)  # one model, or a cross-validated trial's fold-models
+        if cam_layer(members[0][0], splits.image_size) is not None:
             break
     else:
         return out[0] + '<p class="note">No ranked model has a convolutional feature map (e.g. mlp): no Grad-CAM.</p>'
@@ -232,7 +232,8 @@ def gradcam_section(exp_dir: Path, rows: list[dict], preds, splits: Splits, coun
         if len(idx) == 0:
             out.append(f"<h3>{title}</h3><p class='note'>none</p>")
             continue
-        heat = grad_cam(model, splits.test_x[idx], meta["mean"], meta["std"], meta["normalize"])
+        heat = np.mean([grad_cam(model, splits.test_x[idx], meta["mean"], meta["std"], meta["normalize"])
+                        for model, meta in members], axis=0)
         cols = min(len(idx), 8)
         fig = Figure(figsize=(1.7 * cols, 2.1 * ((len(idx) + cols - 1) // cols)), layout="constrained")
         axes = np.atleast_1d(fig.subplots((len(idx) + cols - 1) // cols, cols)).ravel()

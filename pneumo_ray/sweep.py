@@ -32,8 +32,9 @@ class Prepared:
     resume: bool
 
 
-def prepare(cfg: Config, resume: bool) -> Prepared:
-    """All pre-flight checks, before Ray starts: experiment folder, data, models. Raises ConfigError."""
+def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
+    """All pre-flight checks, before Ray starts: experiment folder, data, models, and for a sweep on this
+    machine (``local``), that one trial fits its cores. Raises ConfigError."""
     exp_uri = cfg.experiment_uri
     try:
         storage.check_reachable(exp_uri)
@@ -56,6 +57,8 @@ def prepare(cfg: Config, resume: bool) -> Prepared:
     if cfg.search.optuna_storage:
         check_study_storage(cfg.search.optuna_storage)
     splits = load_splits(cfg.data, cfg.experiment.seed)
+    if local:
+        cluster.check_fits_here(cfg)
     check_models(cfg, splits.image_size)
     return Prepared(cfg, splits, resume)
 

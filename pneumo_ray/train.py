@@ -27,7 +27,7 @@ from pneumo_ray.augment import augment_batch, to_float
 from pneumo_ray.config import Config
 from pneumo_ray.data import Splits
 from pneumo_ray.evaluate import evaluate
-from pneumo_ray.layout import META_FILE, MODEL_FILE, STATE_FILE
+from pneumo_ray.layout import META_FILE, MODEL_FILE, STATE_FILE, fold_dir_name
 from pneumo_ray.models import build_model, freeze, head_prefix, is_head_param, set_train_mode, unwrap
 from pneumo_ray.search_space import with_trial_params
 
@@ -49,6 +49,12 @@ class LocalSession:
     rank: int = 0
     world_size: int = 1
     node_id: str = "local"
+    # Cross-validation: which fold this worker trains, and of how many. A local session trains one split:
+    # to train the folds of data.cv_folds locally, call fit on ``splits.fold(k)`` for each k.
+    fold: int | None = None
+    folds: int = 1
+    world_rank: int = 0
+    group = None  # the process group of this fold's DDP ranks; None: all ranks
     started_at: float | None = None  # time.time() when the run began, to report start-up; None: don't
     startup_marks: dict = field(default_factory=dict)
 
@@ -131,13 +137,49 @@ def epoch_indices(labels: np.ndarray, weighting: str, seed: int, epoch: int, ran
     return order[rank::world]
 
 
-def _diverged(loss: torch.Tensor, world_size: int) -> bool:
-    """True when the loss is NaN/inf on any rank. Collective under DDP, so every rank stops together
-    instead of one leaving the others waiting in the next gradient all-reduce."""
+def _diverged(loss: torch.Tensor, session) -> bool:
+    """True when the loss is NaN/inf on any rank of this model. Collective under DDP, so every rank stops
+    together instead of one leaving the others waiting in the next gradient all-reduce."""
     bad = (~torch.isfinite(loss.detach())).float().reshape(1)  # stays on the loss's device (NCCL needs CUDA)
-    if world_size > 1:
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    if session.world_size > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX, group=session.group)
     return bool(bad.item())
+
+
+def average_bn_stats(model: nn.Module, session) -> None:
+    """DDP syncs gradients, not BatchNorm running stats: average them over this model's ranks so that every
+    rank (and the checkpoint, written by its first rank) holds the same model. timm's ``distribute_bn`` does
+    the same over all ranks; cross-validated trials need it within one fold's ranks."""
+    for name, buf in unwrap(model).named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM, group=session.group)
+            buf /= session.world_size
+
+
+def fold_summary(val: dict | None, metric: str, session) -> dict:
+    """The val metrics of all folds' models, gathered from each fold's first rank (``val``; None on the
+    others): their mean under each metric's own name, which is what Tune, ASHA and Optuna see, their sd as
+    ``<name>_sd``, and the selection metric of each fold as ``<metric>_fold<k>``. Collective over every
+    worker of the trial, so it also keeps the folds in step, epoch by epoch."""
+    mine = torch.tensor([val[k] if val else math.nan for k in VAL_METRICS], dtype=torch.float64,
+                        device=session.device)
+    gathered = [torch.empty_like(mine) for _ in range(session.world_size * session.folds)]
+    torch.distributed.all_gather(gathered, mine)
+    per_fold = torch.stack(gathered).cpu().numpy()[:: session.world_size]  # ranks are ordered fold by fold
+    out = {}
+    for i, key in enumerate(VAL_METRICS):
+        out[key], out[f"{key}_sd"] = float(per_fold[:, i].mean()), float(per_fold[:, i].std(ddof=1))
+    out.update({f"{metric}_fold{k}": float(v) for k, v in enumerate(per_fold[:, VAL_METRICS.index(metric)])})
+    return out
+
+
+def any_fold_diverged(reason: str | None, session) -> str | None:
+    """Every fold stops when one diverges: ``reason`` on the folds that did, a note naming it on the others.
+    Collective over every worker of the trial."""
+    flag = torch.tensor([session.fold + 1 if reason else 0], dtype=torch.float64, device=session.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    first_bad = int(flag.item()) - 1
+    return reason or (f"diverged: the loss of fold {first_bad} became NaN/inf" if first_bad >= 0 else None)
 
 
 def _write_checkpoint(directory: str, run: Run, meta: dict) -> None:
@@ -219,7 +261,7 @@ def train_epoch(run: Run, cfg: Config, params: dict, train_x: torch.Tensor, trai
         y = torch.from_numpy(train_y[idx.numpy()]).to(device)
         with torch.autocast(device.type, enabled=use_amp):
             loss = F.cross_entropy(run.model(x), y, weight=loss_weight, label_smoothing=cfg.train.label_smoothing)
-        if _diverged(loss, session.world_size):
+        if _diverged(loss, session):
             raise LossDiverged(f"diverged: loss became {loss.item()} at epoch {run.epoch + 1} step {step + 1} "
                                f"(lr={params['lr']:.3g}, optimizer={params['optimizer']}, model={params['model']})")
         run.optimizer.zero_grad(set_to_none=True)
@@ -237,13 +279,20 @@ def train_epoch(run: Run, cfg: Config, params: dict, train_x: torch.Tensor, trai
 
 def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
     """Train one trial; report train loss and val metrics (rank 0) to the session every epoch, with a
-    checkpoint. A diverged loss is reported and stops the trial. Returns the model, unwrapped from DDP."""
+    checkpoint. A diverged loss is reported and stops the trial. Returns the model, unwrapped from DDP.
+
+    Under cross-validation (``session.fold`` set) this worker trains fold ``session.fold`` of ``splits``,
+    the report carries the mean and sd over all folds, and the checkpoint is written to its fold's folder."""
     torch.set_num_threads(session.threads)  # the trial's CPU share, so concurrent trials don't oversubscribe
     cfg = with_trial_params(cfg, params)  # the optional dimensions this trial searched, in their fields
+    folded = session.fold is not None
+    if folded:
+        splits = splits.fold(session.fold)
     run = build_run(cfg, params, splits, session)
     restored = session.latest_checkpoint()
     if restored:
-        restore(run, restored, cfg.experiment.seed, session.rank)
+        restore(run, os.path.join(restored, fold_dir_name(session.fold)) if folded else restored,
+                cfg.experiment.seed, session.rank)
 
     mean, std = splits.train_mean_std()
     with warnings.catch_warnings():  # object-store arrays are read-only; we only ever index them
@@ -255,6 +304,16 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
             "normalize": cfg.augment.normalize, "class_names": list(splits.class_names),
             "head_dropout": cfg.model.head_dropout}
 
+    def write_checkpoint(directory: str, metrics: dict, fold_val: dict | None) -> None:
+        if not folded:
+            return _write_checkpoint(directory, run, {**meta, "metrics": metrics})
+        fold_dir = os.path.join(directory, fold_dir_name(session.fold))
+        os.makedirs(fold_dir)
+        _write_checkpoint(fold_dir, run, {**meta, "fold": session.fold, "metrics": {**metrics, **fold_val}})
+        if session.world_rank == 0:  # the trial's own meta.json: what it is ranked by, and how many folds
+            Path(directory, META_FILE).write_text(json.dumps({**meta, "cv_folds": session.folds, "metrics": metrics},
+                                                             indent=1))
+
     started_at = None if restored else session.started_at  # trial start -> first batch, on a fresh start only
     first_epoch = run.epoch
     while run.epoch < cfg.train.epochs:
@@ -262,20 +321,21 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
         set_train_mode(unwrap(run.model), body_frozen=run.epoch < cfg.model.head_warmup_epochs)
         try:
             total_loss, seen = train_epoch(run, cfg, params, train_x, splits.train_y, mean, std, loss_weight, session)
+            diverged = None
         except LossDiverged as err:
+            diverged = str(err)
+        if folded:
+            diverged = any_fold_diverged(diverged, session)
+        if diverged:
             # Report it and stop, rather than raise: Ray Train retries a raised error from the last
             # checkpoint, which would only diverge again. The trial turns this report into a failure.
             nan = dict.fromkeys(("train_loss", *VAL_METRICS), math.nan)
             session.report({"epoch": run.epoch + 1, **nan, "diverged": 1, **where}, write_checkpoint=None)
-            session.mark_diverged(str(err))
+            session.mark_diverged(diverged)
             return unwrap(run.model)
         train_seconds = time.time() - epoch_started_at
         if session.world_size > 1:
-            # DDP syncs gradients, not BatchNorm running stats: average them so every rank (and the
-            # checkpoint, written by rank 0) holds the same model.
-            from timm.utils import distribute_bn  # here, not at the top: a baseline model's trial never imports timm
-
-            distribute_bn(run.model, session.world_size, reduce=True)
+            average_bn_stats(run.model, session)
         run.epoch += 1
         metrics = {"epoch": run.epoch, "train_loss": total_loss / max(1, seen),
                    "lr": run.optimizer.param_groups[0]["lr"], "diverged": 0, "epoch_started_at": epoch_started_at,
@@ -284,9 +344,10 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
         if run.epoch - 1 == first_epoch and started_at is not None:
             metrics["startup_s"] = epoch_started_at - started_at  # trial start -> its first training batch
             metrics.update({f"startup_{stage}_s": at - started_at for stage, at in session.startup_marks.items()})
+        val = None
         if session.rank == 0:  # val is small; one rank evaluates it whole, the others wait at the report
             val, _ = evaluate(unwrap(run.model), splits.val_x, splits.val_y, mean, std, cfg.augment.normalize,
                               session.device, "val_", cfg.train.eval_batch_size)
-            metrics.update(val)
-        session.report(metrics, lambda d: _write_checkpoint(d, run, {**meta, "metrics": metrics}))
+        metrics.update(fold_summary(val, cfg.search.metric, session) if folded else val or {})
+        session.report(metrics, lambda d: write_checkpoint(d, metrics, val))
     return unwrap(run.model)

@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from pneumo_ray import storage
+from pneumo_ray.cluster import workers_per_run
 from pneumo_ray.config import Config, selection_mode
 from pneumo_ray.layout import DIVERGED_FILE, TRAIN_RUNS
 
@@ -82,12 +83,18 @@ def train_trial(cfg: Config, params: dict, splits_holder: dict, trial_id: str, d
 def scaling_config(cfg: Config):
     """Workers per trial and what each reserves. Fractional GPUs (0.25) pack several small trials onto
     one GPU; ``use_gpu`` also makes Ray Train pick NCCL over gloo for DDP. ``gpus_per_worker`` is a
-    number here: the sweep settled ``auto`` against the cluster (cluster.resolve_gpus)."""
+    number here: the sweep settled ``auto`` against the cluster (cluster.resolve_gpus).
+
+    A cross-validated trial is one Ray Train run whose workers split the folds: ``workers_per_trial``
+    DDP workers per fold, fold by fold in rank order. One run rather than one per fold, because then the
+    folds are placed together (one placement group: all start at once, on as many nodes as they need, or
+    none start), report to Tune as one stream (the fold mean, gathered each epoch), and are checkpointed
+    and restored together, so a restarted trial resumes every fold from the same epoch."""
     import ray.train
 
     r = cfg.resources
     gpus = float(r.gpus_per_worker)
-    return ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=gpus > 0,
+    return ray.train.ScalingConfig(num_workers=workers_per_run(cfg), use_gpu=gpus > 0,
                                    resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": gpus} if gpus else {})})
 
 
@@ -129,7 +136,8 @@ def train_worker(loop_config: dict) -> None:
 
     cfg = loop_config["cfg"]
     session = RaySession(threads=max(1, int(cfg.resources.cpus_per_worker)),
-                         diverged_file=loop_config["diverged_file"], started_at=loop_config.get("started_at"))
+                         diverged_file=loop_config["diverged_file"], started_at=loop_config.get("started_at"),
+                         folds=cfg.data.cv_folds)
     # Where a TorchTrainer trial's start-up goes, reported with epoch 1.
     session.startup_marks = {"worker_spawned": psutil.Process().create_time(), "worker_ready": worker_ready_at}
     fit(cfg, loop_config["params"], ray.get(loop_config["splits_ref"]), session)  # zero-copy numpy views
@@ -150,15 +158,16 @@ class RaySession:
     Train, checkpoints via ``ray.tune.report``; Tune restores them on a retry or --resume."""
 
     def __init__(self, threads: int, diverged_file: str | None = None, inline: bool = False,
-                 started_at: float | None = None):
+                 started_at: float | None = None, folds: int = 0):
         import ray
         import torch
 
+        self.fold, self.folds, self.group = None, 1, None
         if inline:
             import ray.tune
 
             self._api = ray.tune
-            self.rank, self.world_size = 0, 1
+            self.rank, self.world_size, self.world_rank = 0, 1, 0
             # Ray sets CUDA_VISIBLE_DEVICES to the trial's (possibly fractional) GPU, if it has one
             self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         else:
@@ -167,8 +176,17 @@ class RaySession:
 
             self._api = ray.train
             ctx = ray.train.get_context()
-            self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+            self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+            self.rank = self.world_rank
             self.device = ray.train.torch.get_device()
+            if folds >= 2:  # see scaling_config: fold k's DDP workers are ranks k*W .. k*W+W-1
+                per_fold = self.world_size // folds
+                self.fold, self.folds = self.world_rank // per_fold, folds
+                self.rank, self.world_size = self.world_rank % per_fold, per_fold
+                # Every rank must create every group, in the same order; each keeps its own fold's.
+                groups = [torch.distributed.new_group(list(range(k * per_fold, (k + 1) * per_fold)))
+                          for k in range(folds)] if per_fold > 1 else [None] * folds
+                self.group = groups[self.fold]
         self.inline = inline
         self.node_id = ray.get_runtime_context().get_node_id()
         self.threads = threads
@@ -179,6 +197,14 @@ class RaySession:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         if self.inline:
             return model.to(self.device)
+        if self.fold is not None:  # DDP within this fold's workers only: Ray's prepare_model would span all folds
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = model.to(self.device)
+            if self.world_size == 1:
+                return model
+            return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                           process_group=self.group)
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model)  # DDP over gloo (CPU) or NCCL (GPU) when world > 1
@@ -186,7 +212,7 @@ class RaySession:
     def mark_diverged(self, reason: str) -> None:
         """Leave the reason where the trial's coordinator looks after the run: Ray Train's result only
         carries metrics of checkpointed reports, and a diverged epoch has no checkpoint."""
-        if self.rank == 0 and self.diverged_file:
+        if self.world_rank == 0 and self.diverged_file:
             storage.write_text(self.diverged_file, reason)
 
     def latest_checkpoint(self) -> str | None:
@@ -205,7 +231,9 @@ class RaySession:
                 self._api.report(metrics, checkpoint=checkpoint)  # Tune copies the checkpoint before it returns
             return
         checkpoint = None
-        if self.rank == 0 and write_checkpoint:  # DDP ranks hold identical weights: one copy is enough
+        # DDP ranks hold identical weights: one copy is enough. Under CV each fold's first rank writes its
+        # fold's folder; Ray Train merges all workers' files into one checkpoint.
+        if self.rank == 0 and write_checkpoint:
             tmp = tempfile.mkdtemp(prefix="pneumo-ckpt-")
             write_checkpoint(tmp)
             checkpoint = self._api.Checkpoint.from_directory(tmp)

@@ -105,6 +105,10 @@ def _validate_data(cfg: Config) -> None:
     if d.source in ("npz", "folder"):
         _check(bool(d.path), "data.path", f"source {d.source!r} needs a path (or use --data {d.source}:PATH)")
     _check(0 < d.val_fraction < 0.5, "data.val_fraction", "must be between 0 and 0.5")
+    _check(_whole(d.cv_folds) and (d.cv_folds == 0 or d.cv_folds >= 2), "data.cv_folds",
+           f"must be 0 (off) or a number of folds >= 2, such as 5; got {d.cv_folds!r}")
+    _check(d.cv_folds == 0 or cfg.resources.launcher == "train", "data.cv_folds",
+           "folds train side by side as Ray Train workers: set resources.launcher: train, or data.cv_folds: 0")
     for name in ("synthetic_train", "synthetic_val", "synthetic_test"):
         _check(getattr(d, name) >= 8, f"data.{name}", "needs at least 8 images")
 

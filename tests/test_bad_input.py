@@ -61,6 +61,14 @@ def run_main(capsys, *args) -> tuple[int, str]:
     ({"search__head_dropout": ["high"]}, "search.head_dropout: values must be numbers in 0..0.99"),
     ({"train__label_smoothing": 1.5}, "train.label_smoothing: must be in [0, 1)"),
     ({"train__warmup_epochs": 2, "search__epochs": [2, 6]}, "train.warmup_epochs: must be >= 0 and below every"),
+    ({"data__cv_folds": 1}, "data.cv_folds: must be 0 (off) or a number of folds >= 2, such as 5; got 1"),
+    ({"data__cv_folds": -3}, "data.cv_folds: must be 0 (off) or a number of folds >= 2"),
+    ({"data__cv_folds": 2, "resources__launcher": "inline"}, "data.cv_folds: folds train side by side as Ray Train"),
+    # 384 + 128 synthetic images: their rarer class has far fewer than 1000
+    ({"data__cv_folds": 1000}, "data.cv_folds: 1000 folds need at least 1000 images of each class in train+val"),
+    # two folds of one worker, each asking for every core: never fits on the local Ray a sweep starts
+    ({"data__cv_folds": 2, "resources__cpus_per_worker": os.cpu_count()},
+     f"resources.cpus_per_worker: a trial needs 2 workers (2 folds x 1) x {os.cpu_count()} CPU"),
 ])
 def test_bad_config_values_are_one_line_errors(tmp_path, capsys, override, expected):
     code, err = run_main(capsys, "--config", str(smoke_with(tmp_path, **override)), "--storage", str(tmp_path))

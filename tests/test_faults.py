@@ -116,6 +116,23 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, ray_session, 
           f"sweep finished {seconds:.0f} s after the kill")
 
 
+def test_killed_worker_of_a_cross_validated_trial_resumes_every_fold(tmp_path, ray_session, ray_address):
+    """The same with data.cv_folds: 2. Killing one fold's worker restarts the trial's workers, and every fold
+    goes on from the shared checkpoint at the next epoch, so the folds stay in step."""
+    raw = yaml.safe_load(config_file(tmp_path, model=["cnn_bn"], num_samples=1, max_concurrent_trials=1).read_text())
+    raw["data"]["cv_folds"] = 2
+    cfg = tmp_path / "cv.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    killed_after, epochs, seconds = kill_mid_trial(tmp_path, cfg, "killfold", ray_address,
+                                                   lambda actor: actor.class_name == "RayTrainWorker")
+    (row,) = [r for r in json.loads((tmp_path / "killfold" / "leaderboard.json").read_text())]
+    kept = Path(row["checkpoint"])
+    fold_epochs = [json.loads((kept / f"fold_{k}" / "meta.json").read_text())["metrics"]["epoch"] for k in (0, 1)]
+    assert fold_epochs == [row["epoch"]] * 2, f"the kept folds come from one epoch: {fold_epochs}, row {row['epoch']}"
+    print(f"\n[fault 1b] a fold's worker killed after epoch {killed_after}; reported epochs {epochs}; "
+          f"sweep finished {seconds:.0f} s after the kill")
+
+
 def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path, ray_address):
     args = ["--config", str(SMOKE), "--storage", str(tmp_path), "--name", "killdriver", "--num-samples", "4",
             "--epochs", "2", "--address", ray_address]
