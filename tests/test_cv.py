@@ -110,3 +110,30 @@ def margins(model, meta, images):
 
     return predict_margin(model, images, meta["mean"], meta["std"], meta["normalize"], torch.device("cpu"))
 
+
+
+SHARED_FOLDER = ROOT.parent / "shared" / "data" / "chest_xray"
+
+
+def test_readme_chest_xray_sweep_passes_every_check_before_ray(tmp_path, monkeypatch):
+    """The README's real-image sweep, up to where Ray would start: its config validates, the Kaggle folder
+    loads at 64 px into 3 stratified folds over all of train, its models build, and its 3 fold workers fit
+    2 cores. The hour-long sweep itself is a measurement (docs/results.md), not a test."""
+    import shlex
+
+    from pneumo_ray import config, sweep
+    from tests.conftest import readme_commands
+
+    command = next(c for c in readme_commands() if "chest_xray.yaml" in c)
+    args = shlex.split(command)
+    assert args[:2] == ["python", "sweeps/run.py"] and (ROOT / args[args.index("--config") + 1]).is_file()
+    if not SHARED_FOLDER.is_dir():
+        pytest.skip(f"no Kaggle chest X-ray folder at {SHARED_FOLDER}: the README's real-image sweep needs it")
+    monkeypatch.chdir(ROOT)  # the README's commands run from the project's root, where ../shared/data resolves
+    # its own storage and decode cache: the test leaves the user's results/ and ~/.cache alone
+    cfg = config.load(args[args.index("--config") + 1], {"experiment.storage": str(tmp_path / "results"),
+                                                        "data.cache_dir": str(tmp_path / "cache")})
+    prepared = sweep.prepare(cfg, resume=False, local=True)
+    splits = prepared.splits
+    assert splits.image_size == 64 and splits.cv_folds == 3 and len(splits.test_y) == 624
+    assert len(splits.folds) == len(splits.pool()[1]) == 5216  # every train image, val carved from it included
