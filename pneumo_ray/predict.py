@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from scipy.special import expit
 
+from pneumo_ray.checkpoints import load_ranked
 from pneumo_ray.data import CLASS_NAMES, read_gray
 from pneumo_ray.errors import BadArgument
 from pneumo_ray.evaluate import predict_margin
 from pneumo_ray.layout import EVALUATION_FILE, LEADERBOARD_JSON
-from pneumo_ray.leaderboard import is_ensemble, load_ranked, trial_rows
+from pneumo_ray.leaderboard import is_ensemble, trial_rows
 
 
 @dataclass

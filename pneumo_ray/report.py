@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pneumo_ray import storage
+from pneumo_ray.checkpoints import load_ranked
 from pneumo_ray.config import Config
 from pneumo_ray.data import CLASS_NAMES, Splits
 from pneumo_ray.layout import (
@@ -40,7 +41,6 @@ from pneumo_ray.leaderboard import (
     describe,
     is_ensemble,
     label_of,
-    load_ranked,
     results_table,
     trial_rows,
 )

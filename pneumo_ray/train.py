@@ -49,12 +49,11 @@ class LocalSession:
     rank: int = 0
     world_size: int = 1
     node_id: str = "local"
-    # Cross-validation: which fold this worker trains, and of how many. A local session trains one split:
-    # to train the folds of data.cv_folds locally, call fit on ``splits.fold(k)`` for each k.
+    # One split, no folds: to train the folds of data.cv_folds locally, fit ``splits.fold(k)`` for each k.
     fold: int | None = None
     folds: int = 1
     world_rank: int = 0
-    group = None  # the process group of this fold's DDP ranks; None: all ranks
+    group = None  # a fold's DDP process group under Ray; None: all ranks
     started_at: float | None = None  # time.time() when the run began, to report start-up; None: don't
     startup_marks: dict = field(default_factory=dict)
 
@@ -166,9 +165,8 @@ def fold_summary(val: dict | None, metric: str, session) -> dict:
     gathered = [torch.empty_like(mine) for _ in range(session.world_size * session.folds)]
     torch.distributed.all_gather(gathered, mine)
     per_fold = torch.stack(gathered).cpu().numpy()[:: session.world_size]  # ranks are ordered fold by fold
-    out = {}
-    for i, key in enumerate(VAL_METRICS):
-        out[key], out[f"{key}_sd"] = float(per_fold[:, i].mean()), float(per_fold[:, i].std(ddof=1))
+    out = {f"{key}{stat}": float(f(per_fold[:, i])) for i, key in enumerate(VAL_METRICS)
+           for stat, f in (("", np.mean), ("_sd", lambda v: np.std(v, ddof=1)))}
     out.update({f"{metric}_fold{k}": float(v) for k, v in enumerate(per_fold[:, VAL_METRICS.index(metric)])})
     return out
 
@@ -178,8 +176,7 @@ def any_fold_diverged(reason: str | None, session) -> str | None:
     Collective over every worker of the trial."""
     flag = torch.tensor([session.fold + 1 if reason else 0], dtype=torch.float64, device=session.device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    first_bad = int(flag.item()) - 1
-    return reason or (f"diverged: the loss of fold {first_bad} became NaN/inf" if first_bad >= 0 else None)
+    return reason or (f"diverged: the loss of fold {int(flag.item()) - 1} became NaN/inf" if flag.item() else None)
 
 
 def _write_checkpoint(directory: str, run: Run, meta: dict) -> None:

@@ -44,7 +44,7 @@ def test_folds_are_disjoint_stratified_seeded_and_cover_the_pool():
 
 @pytest.mark.slow
 def test_cross_validated_sweep_selects_on_the_fold_mean_and_thresholds_out_of_fold(tmp_path, ray_address):
-    from pneumo_ray.leaderboard import load_ranked
+    from pneumo_ray.checkpoints import load_ranked
     from pneumo_ray.predict import load_predictor
 
     raw = yaml.safe_load(SMOKE.read_text())

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pneumo_ray import cli
+from pneumo_ray.checkpoints import load_model
 from pneumo_ray.layout import MODEL_FILE
-from pneumo_ray.leaderboard import load_model
 from pneumo_ray.models import build_model
 from tests.conftest import ROOT
 
