@@ -148,6 +148,9 @@ class LeaderboardConfig:
     temperature_scaling: bool = False  # calibrate each model's probabilities with a temperature fitted on val
     flip_tta: bool = False  # test-time augmentation: average each image's logits with its mirror image's
     gradcam_images: int = 8  # report: Grad-CAM overlays for this many sampled and this many misclassified images
+    # N: after the search, train each top_k configuration N more times with new seeds (side by side, as Ray
+    # trials); rank on the mean val metric over its runs and show test mean and sd over them. null: off.
+    repeats: int | None = None
 
 
 @dataclass

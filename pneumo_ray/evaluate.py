@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumo_ray.augment import to_float
+from pneumo_ray.config import Config
+from pneumo_ray.data import Splits
 from pneumo_ray.metrics import binary_metrics
 
 
@@ -47,3 +49,43 @@ def predict_margin(model: nn.Module, images_u8: np.ndarray, mean: float, std: fl
     if flip_tta:
         logits = (logits + predict_logits(model, images_u8[..., ::-1], mean, std, normalize, device, batch_size)) / 2
     return (logits[:, 1] - logits[:, 0]).double().numpy()
+
+
+def selection_labels(splits: Splits) -> np.ndarray:
+    """The labels that the threshold and temperature are chosen on: val's, or under CV the whole pool's,
+    each image predicted out of fold."""
+    return splits.val_y if splits.folds is None else splits.pool()[1]
+
+
+def member_margins(members: list[tuple[torch.nn.Module, dict]], splits: Splits, cfg: Config,
+                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A ranked trial's logit margins: on val (under CV: each pooled image by the fold-model that did not
+    train on it), and on test by each of its models."""
+    def margins(model, meta, images):
+        return predict_margin(model, images, meta["mean"], meta["std"], meta["normalize"], torch.device("cpu"),
+                              cfg.train.eval_batch_size, cfg.leaderboard.flip_tta)
+
+    tests = [margins(model, meta, splits.test_x) for model, meta in members]
+    if splits.folds is None:
+        model, meta = members[0]
+        return margins(model, meta, splits.val_x), tests
+    pool_x, _ = splits.pool()
+    out_of_fold = np.full(len(pool_x), np.nan)
+    for model, meta in members:
+        held_out = splits.folds == meta["fold"]
+        out_of_fold[held_out] = margins(model, meta, pool_x[held_out])
+    return out_of_fold, tests
+
+
+def kept_probabilities(members: list[tuple[nn.Module, dict]], splits: Splits, cfg: Config,
+                       ) -> tuple[float, np.ndarray, np.ndarray]:
+    """A kept trial's pneumonia probabilities: (temperature, on val, on test). Val is out of fold under CV;
+    the temperature is fitted on val when leaderboard.temperature_scaling asks, else 1. A cross-validated
+    trial's test probability is the mean of its fold-models' (no refit on the pool)."""
+    from scipy.special import expit
+
+    from pneumo_ray.metrics import fit_temperature
+
+    val_margins, test_margins = member_margins(members, splits, cfg)
+    t = fit_temperature(selection_labels(splits), val_margins) if cfg.leaderboard.temperature_scaling else 1.0
+    return t, expit(val_margins / t), np.mean([expit(m / t) for m in test_margins], axis=0)

@@ -10,6 +10,7 @@
         train_runs/<id>/            a TorchTrainer trial's Ray Train run: checkpoint_*/, DIVERGED
         leaderboard.{md,csv,json}, evaluation.json, predictions.npz, report.html
         best/rank<N>_<id>/          the leaderboard's copy of each ranked trial's checkpoint
+        repeats/                    leaderboard.repeats: a Tune run of its own (tune_trial_*/, train_runs/)
 
 A checkpoint folder holds model.pt, train_state.pt and meta.json; with data.cv_folds: K, meta.json (the
 fold mean's metrics) and fold_0/ .. fold_<K-1>/, each holding one fold-model's three files. Nothing here
@@ -47,6 +48,7 @@ EVALUATION_FILE = "evaluation.json"  # leaderboard settings, confusion matrices 
 PREDICTIONS_FILE = "predictions.npz"  # val/test labels and each leaderboard row's probabilities
 REPORT_FILE = "report.html"
 BEST_DIR = "best"
+REPEATS_DIR = "repeats"  # leaderboard.repeats: the re-trained top configurations, a Tune run of their own
 LEADERBOARD_OUTPUTS = [LEADERBOARD_JSON, LEADERBOARD_CSV, LEADERBOARD_MD, EVALUATION_FILE, PREDICTIONS_FILE,
                        REPORT_FILE, BEST_DIR]
 

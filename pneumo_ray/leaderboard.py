@@ -14,8 +14,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
-from scipy.special import expit
 
 from pneumo_ray import storage
 from pneumo_ray.checkpoints import (
@@ -27,7 +25,7 @@ from pneumo_ray.checkpoints import (
 from pneumo_ray.config import Config, LeaderboardConfig
 from pneumo_ray.data import CLASS_NAMES, Splits
 from pneumo_ray.errors import NothingToRank
-from pneumo_ray.evaluate import predict_margin
+from pneumo_ray.evaluate import kept_probabilities, selection_labels
 from pneumo_ray.layout import (
     BEST_DIR,
     CHECKPOINT_GLOB,
@@ -43,12 +41,11 @@ from pneumo_ray.metrics import (
     CI_METRICS,
     binary_metrics,
     bootstrap_ci,
+    decision_threshold,
     expected_calibration_error,
-    fit_temperature,
     paired_auc_difference,
-    sensitivity_threshold,
-    youden_threshold,
 )
+from pneumo_ray.repeats import rank_on_repeats, runs_table, summarize_runs
 
 HYPERPARAMS = ("optimizer", "lr", "weight_decay", "batch_size", "class_weighting", "freeze_depth", "head_dropout",
                "label_smoothing", "rotation_deg", "crop_scale", "epochs")
@@ -65,36 +62,12 @@ def trial_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not is_ensemble(r)]
 
 
-def selection_labels(splits: Splits) -> np.ndarray:
-    """The labels that the threshold and temperature are chosen on: val's, or under CV the whole pool's,
-    each image predicted out of fold."""
-    return splits.val_y if splits.folds is None else splits.pool()[1]
-
-
-def member_margins(members: list[tuple[torch.nn.Module, dict]], splits: Splits, cfg: Config,
-                   ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A ranked trial's logit margins: on val (under CV: each pooled image by the fold-model that did not
-    train on it), and on test by each of its models."""
-    def margins(model, meta, images):
-        return predict_margin(model, images, meta["mean"], meta["std"], meta["normalize"], torch.device("cpu"),
-                              cfg.train.eval_batch_size, cfg.leaderboard.flip_tta)
-
-    tests = [margins(model, meta, splits.test_x) for model, meta in members]
-    if splits.folds is None:
-        model, meta = members[0]
-        return margins(model, meta, splits.val_x), tests
-    pool_x, _ = splits.pool()
-    out_of_fold = np.full(len(pool_x), np.nan)
-    for model, meta in members:
-        held_out = splits.folds == meta["fold"]
-        out_of_fold[held_out] = margins(model, meta, pool_x[held_out])
-    return out_of_fold, tests
-
-
 def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
     """Rank the kept trials, copy their checkpoints to best/, score them and their ensemble on test."""
     metric, lb = cfg.search.metric, cfg.leaderboard
     top = best_per_trial(exp_dir, metric)[: lb.top_k]
+    if top and lb.repeats:  # the same configurations, ranked on their mean over seeds
+        top = rank_on_repeats(top, exp_dir, metric)
     if not top:
         trained = trials_that_trained(exp_dir)
         where = cfg.experiment_uri if storage.is_remote(cfg.experiment_uri) else str(exp_dir)
@@ -107,7 +80,7 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
     for stale in (exp_dir / BEST_DIR).glob("rank*_*"):  # copies from an earlier ranking (a resume, a report re-run)
         if stale.name not in keep_names:
             shutil.rmtree(stale)
-    rows, probs, val_y = [], {}, selection_labels(splits)
+    rows, probs, runs, val_y = [], {}, {}, selection_labels(splits)
     for rank, cand in enumerate(top, start=1):
         meta = cand["meta"]
         keep = best_copy(exp_dir, rank, cand["trial_id"])
@@ -118,15 +91,14 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
             raise NothingToRank(f"{cand['checkpoint_dir']}: trained with data.cv_folds {meta.get('cv_folds', 0)}, "
                                 f"but the data was split into {splits.cv_folds}; report with the experiment's own "
                                 "config")
-        val_margins, test_margins = member_margins(load_members(keep, meta), splits, cfg)
-        temperature = fit_temperature(val_y, val_margins) if lb.temperature_scaling else 1.0
-        # A cross-validated trial's test probability is the mean of its fold-models' (no refit on the pool).
-        probs[str(rank)] = [expit(val_margins / temperature),
-                            np.mean([expit(m / temperature) for m in test_margins], axis=0)]
+        temperature, *probs[str(rank)] = kept_probabilities(load_members(keep, meta), splits, cfg)
         # row: the label each output knows the row by (predictions.npz, evaluation.json, the report)
         row = {"row": str(rank), "rank": rank, "trial_id": cand["trial_id"], "model": meta["model"]}
         row.update({h: meta["params"].get(h) for h in HYPERPARAMS})
         row.update({"epoch": meta["metrics"]["epoch"], metric: meta["metrics"][metric], "temperature": temperature})
+        if lb.repeats:
+            summary, runs[str(rank)] = summarize_runs(cand, tuple(probs[str(rank)]), splits, cfg)
+            row.update(summary)
         # Where the copy lives for the user: the bucket for a cloud experiment, not this machine's mirror.
         row["checkpoint"] = storage.join(cfg.experiment_uri, BEST_DIR, keep.name) if storage.is_remote(
             cfg.experiment_uri) else str(keep)
@@ -143,6 +115,8 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
         summary.update(compare_with_first(probs[row["row"]], probs["1"], val_y, splits.test_y))
         checkpoint = row.pop("checkpoint")
         row.update(summary, checkpoint=checkpoint)  # checkpoint stays the last column
+        if row["row"] in runs:  # leaderboard.repeats: each metric run by run (the search's run first)
+            details[row["row"]]["runs"] = runs[row["row"]]
     settings = {"selection_metric": metric, "threshold_rule": lb.threshold, "min_sensitivity": lb.min_sensitivity,
                 "bootstrap_resamples": lb.bootstrap_resamples, "bootstrap_seed": cfg.experiment.seed,
                 "confidence_level": 0.95, "flip_tta": lb.flip_tta, "temperature_scaling": lb.temperature_scaling,
@@ -197,10 +171,7 @@ def score(val_y: np.ndarray, val_prob: np.ndarray, test_y: np.ndarray, test_prob
         confusion_matrix,
     )
 
-    if lb.threshold == "youden":
-        threshold = youden_threshold(val_y, val_prob)
-    else:
-        threshold = sensitivity_threshold(val_y, val_prob, lb.min_sensitivity)
+    threshold = decision_threshold(val_y, val_prob, lb)
     flat: dict = {"threshold": threshold}
     details: dict = {"threshold": threshold, "confusion": {}, "per_class": {}}
     for suffix, t in (("", threshold), (HALF, 0.5)):
@@ -304,6 +275,10 @@ def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
 
 def to_markdown(rows: list[dict], settings: dict | None = None) -> str:
     lines = _markdown(*results_table(rows)) + [""] + _markdown(*configs_table(rows))
+    runs = runs_table(rows, next(k for k in rows[0] if k.startswith("val_")))
+    if runs:  # leaderboard.repeats: each configuration over its seeds
+        lines += ["", "Over each configuration's runs (its own and its repeats, each at its own val threshold):",
+                  "", *_markdown(*runs)]
     text = describe(settings) + "\n\n" + "\n".join(lines) if settings else "\n".join(lines)
     text += "\n\n" + comparison_sentence(rows) if len(rows) > 1 else ""
     return text + "\n\nCheckpoints: " + ", ".join(f"rank {r['rank']}: `{r['checkpoint']}`"

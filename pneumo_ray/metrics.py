@@ -143,3 +143,10 @@ def fit_temperature(labels: np.ndarray, margin: np.ndarray) -> float:
         log.warning("temperature scaling: no interior optimum on val (T -> %.3g); using T = 1", np.exp(fit.x))
         return 1.0
     return float(np.exp(fit.x))
+
+
+def decision_threshold(val_y: np.ndarray, val_prob: np.ndarray, lb) -> float:
+    """leaderboard.threshold's rule, applied on val: Youden's J, or the screening point."""
+    if lb.threshold == "youden":
+        return youden_threshold(val_y, val_prob)
+    return sensitivity_threshold(val_y, val_prob, lb.min_sensitivity)

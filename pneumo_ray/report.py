@@ -44,6 +44,7 @@ from pneumo_ray.leaderboard import (
     results_table,
     trial_rows,
 )
+from pneumo_ray.repeats import runs_table
 
 MEDMNIST_CITATION = ("Data: PneumoniaMNIST from MedMNIST v2 (CC BY 4.0). Yang, J. et al. MedMNIST v2 - A large-scale "
                      "lightweight benchmark for 2D and 3D biomedical image classification. Scientific Data 10, 41 (2023).")
@@ -82,7 +83,10 @@ def leaderboard_section(rows: list[dict], metric: str, settings: dict) -> str:
             "ensemble averages the ranked models' probabilities and gets its own threshold on val.</p>"
             + table(header, body, [ENSEMBLE if is_ensemble(r) else "" for r in rows])
             + f'<p class="verdict">{html.escape(comparison_sentence(rows))}</p>'
-            + "<h3>Configurations</h3>" + table(*configs_table(rows)))
+            + "<h3>Configurations</h3>" + table(*configs_table(rows))
+            + ("<h3>Over each configuration's runs (leaderboard.repeats)</h3><p class='note'>Its own run and its "
+               "repeats with new seeds, each at its own threshold chosen on val; ranked on the mean val metric.</p>"
+               + table(*runs) if (runs := runs_table(rows, metric)) else ""))
 
 
 def curves_section(rows: list[dict], preds) -> str:

@@ -55,8 +55,9 @@ class DefineByRun:
 
 def with_trial_params(cfg: Config, params: dict) -> Config:
     """The config one trial trains with: ``cfg`` with the trial's values of the optional dimensions
-    (head dropout, label smoothing, rotation, crop scale, epochs) in the fields they stand for."""
-    sections = {}
+    (head dropout, label smoothing, rotation, crop scale, epochs) in the fields they stand for, and a
+    repeat's own seed (leaderboard.repeats)."""
+    sections = {"experiment": {"seed": params["seed"]}} if "seed" in params else {}
     for name, (section, field) in OPTIONAL_DIMENSIONS.items():
         if name in params:
             sections.setdefault(section, {})[field] = params[name]

@@ -20,6 +20,7 @@ from pneumo_ray import config as config_mod
 from pneumo_ray.config import Config, ConfigError, selection_mode
 from pneumo_ray.data import Splits, load_splits
 from pneumo_ray.layout import CONFIG_FILE, LEADERBOARD_OUTPUTS, SEARCHER_STATE_GLOB, default_study_url
+from pneumo_ray.repeats import run_repeats
 from pneumo_ray.validation import trial_epochs
 
 log = logging.getLogger(__name__)
@@ -183,15 +184,25 @@ def run(prepared: Prepared, address: str | None = None, leaderboard: bool = True
             if result.error:
                 log.info("trial %s failed: %s", result.path.rsplit("/", 1)[-1][:40],
                          str(result.error).strip().splitlines()[-1][:300])
+        finished = search_finished(cfg, sweep_started)
+        if finished and cfg.leaderboard.repeats:
+            log.info("search done; training the top %d configurations %d more time(s) each, with new seeds",
+                     cfg.leaderboard.top_k, cfg.leaderboard.repeats)
+            finished = run_repeats(cfg, splits, concurrency)
     finally:
         if owns_ray:
             ray.shutdown()
-    exp_dir = storage.mirror(exp_uri)  # the folder itself, or a local copy of a cloud experiment
-    ended = [s for s in trial_statuses(exp_dir).values() if s in ("TERMINATED", "ERROR")]
-    out_of_time = cfg.search.time_budget_s is not None and time.time() - sweep_started >= cfg.search.time_budget_s
-    if len(ended) < cfg.search.num_samples and not out_of_time:
+    if not finished:
         return Outcome(finished=False, rows=[])
+    exp_dir = storage.mirror(exp_uri)  # the folder itself, or a local copy of a cloud experiment
     return Outcome(finished=True, rows=finish(exp_dir, exp_uri, cfg, splits) if leaderboard else [])
+
+
+def search_finished(cfg: Config, started_at: float) -> bool:
+    """Every trial ended, or the search's time budget ran out. False after Ctrl+C (see Outcome)."""
+    ended = [s for s in trial_statuses(storage.mirror(cfg.experiment_uri)).values() if s in ("TERMINATED", "ERROR")]
+    out_of_time = cfg.search.time_budget_s is not None and time.time() - started_at >= cfg.search.time_budget_s
+    return len(ended) >= cfg.search.num_samples or out_of_time
 
 
 def make_tuner(cfg: Config, splits: Splits, resume: bool, concurrency: int):

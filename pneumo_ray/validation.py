@@ -215,3 +215,5 @@ def _validate_leaderboard(cfg: Config) -> None:
     _check(lb.bootstrap_resamples >= 1000, "leaderboard.bootstrap_resamples",
            "must be >= 1000: fewer resamples leave the 2.5% tails of a 95% interval too noisy")
     _check(lb.gradcam_images >= 0, "leaderboard.gradcam_images", "must be >= 0 (0 leaves Grad-CAM out of the report)")
+    _check(lb.repeats is None or (_whole(lb.repeats) and lb.repeats >= 1), "leaderboard.repeats",
+           f"must be a number of extra seeds >= 1, such as 3, or null for none; got {lb.repeats!r}")

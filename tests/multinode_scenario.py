@@ -61,6 +61,27 @@ def node_of_epochs(exp: Path) -> dict[str, list[tuple[int, str]]]:
     return out
 
 
+def cross_validated_trial_nodes(workdir: Path, address: str, env: dict, head_tmp: str, nodes: dict) -> dict:
+    """One trial with data.cv_folds: 2 whose fold workers take 2 CPUs each: no node has room for both, so its
+    folds must run side by side on the two nodes. Returns fold -> the node that trained it (from each fold's
+    checkpoint), and the driver's exit code."""
+    raw = yaml.safe_load((ROOT / "sweeps" / "configs" / "smoke.yaml").read_text())
+    raw["search"].update(num_samples=1, max_concurrent_trials=1, model=["cnn_bn"], asha={"enabled": False})
+    raw["data"]["cv_folds"] = 2
+    raw["train"]["epochs"] = 1
+    raw["resources"] = {"workers_per_trial": 1, "cpus_per_worker": 2}
+    config = workdir / "folds.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run = subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), "--config", str(config), "--storage",
+                          str(workdir), "--name", "folds", "--address", address], env={**env, "RAY_TMPDIR": head_tmp},
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    placed = {}
+    for meta in (workdir / "folds" / "train_runs").glob("*/checkpoint_*/fold_*/meta.json"):
+        fold = json.loads(meta.read_text())
+        placed[fold["fold"]] = nodes.get(fold["metrics"]["node_id"], "?")
+    return {"placed": placed, "driver_rc": run.returncode, "tail": (run.stdout + run.stderr)[-1500:]}
+
+
 def main(workdir: Path) -> dict:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     base_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
@@ -85,6 +106,8 @@ def main(workdir: Path) -> dict:
                  for n in ray.nodes() if n["Alive"]}
         ray.shutdown()
         report["nodes"] = sorted(nodes.values())
+
+        report["fold_nodes"] = cross_validated_trial_nodes(workdir, address, base_env, head_tmp, nodes)
 
         raw = yaml.safe_load((ROOT / "sweeps" / "configs" / "smoke.yaml").read_text())
         # Two trials, one per node, at once. Six epochs of 768 images leave time to stop the worker node

@@ -61,6 +61,8 @@ def run_main(capsys, *args) -> tuple[int, str]:
     ({"search__head_dropout": ["high"]}, "search.head_dropout: values must be numbers in 0..0.99"),
     ({"train__label_smoothing": 1.5}, "train.label_smoothing: must be in [0, 1)"),
     ({"train__warmup_epochs": 2, "search__epochs": [2, 6]}, "train.warmup_epochs: must be >= 0 and below every"),
+    ({"leaderboard__repeats": 0}, "leaderboard.repeats: must be a number of extra seeds >= 1, such as 3, or null"),
+    ({"leaderboard__repeats": -2}, "leaderboard.repeats: must be a number of extra seeds >= 1"),
     ({"data__cv_folds": 1}, "data.cv_folds: must be 0 (off) or a number of folds >= 2, such as 5; got 1"),
     ({"data__cv_folds": -3}, "data.cv_folds: must be 0 (off) or a number of folds >= 2"),
     ({"data__cv_folds": 2, "resources__launcher": "inline"}, "data.cv_folds: folds train side by side as Ray Train"),

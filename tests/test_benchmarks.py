@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -39,7 +40,7 @@ def test_run_all_smoke_writes_every_result(tmp_path):
     assert {p.name: p.stat().st_mtime for p in (ROOT / "benchmarks" / "results").glob("*")} == committed
     assert not list(scratch.glob("pneumo-bench-*"))
 
-    for name in ("epoch_cost", "startup", "search_efficiency", "ray_background"):
+    for name in ("epoch_cost", "startup", "search_efficiency", "ray_background", "selection"):
         result = json.loads((results / f"{name}.json").read_text())
         assert result["benchmark"] == name
         assert isinstance(result["data"], str) and "28px" in result["data"]  # says which data it measured
@@ -128,3 +129,12 @@ def test_run_all_smoke_writes_every_result(tmp_path):
     assert "ray::TrainController" in background["paused"]["helpers"]
     assert {"raylet", "gcs_server"} <= set(background["paused"]["daemons"])
     assert background["all_resumed"] is True
+
+    selection = json.loads((results / "selection.json").read_text())
+    assert len(selection["per_seed"]) == 2 and selection["folds"] == 2
+    for seed in selection["per_seed"]:  # the folds' mean is what a CV trial selects on, at its best epoch
+        assert seed["cv_val_auc"] == pytest.approx(np.mean(seed["cv_fold_val_auc"]))
+        assert all(0 <= seed[k] <= 1 for k in ("single_val_auc", "cv_val_auc", "single_test_auc", "cv_test_auc"))
+    sds = [s["single_val_auc"] for s in selection["per_seed"]]
+    assert selection["sd"]["single_val_auc"] == pytest.approx(np.std(sds, ddof=1))
+    _check_targets(selection, {"cv_sd<=half_single_sd"})

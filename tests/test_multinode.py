@@ -1,5 +1,6 @@
-"""A real 2-node cluster (head + worker, token auth, loopback in a private network namespace): trials are
-placed on both nodes; the worker node is stopped mid-sweep; its trial moves to the head; the sweep completes."""
+"""A real 2-node cluster (head + worker, token auth, loopback in a private network namespace): the folds of a
+cross-validated trial train on both nodes at once; trials are placed on both nodes; the worker node is
+stopped mid-sweep; its trial moves to the head; the sweep completes."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def test_two_node_sweep_survives_losing_the_worker_node(tmp_path):
     report = json.loads(line.split(" ", 1)[1])
 
     assert report["nodes"] == ["head", "worker"]
+    folds = report["fold_nodes"]
+    assert folds["driver_rc"] == 0, folds["tail"]
+    # JSON keys: the folds of the one cross-validated trial, each trained on its own node, side by side
+    assert sorted(folds["placed"].values()) == ["head", "worker"] and sorted(folds["placed"]) == ["0", "1"], folds
     assert report["placed_before_stop"] == ["head", "worker"], "trials should run on both nodes at once"
     assert report["killed_processes"] > 0
     assert report["driver_rc"] == 0, report["driver_tail"]
