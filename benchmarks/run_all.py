@@ -26,8 +26,9 @@ PLANS = {
              ["ray_background.py"],
              # the real chest X-ray folder, decoded against read from the cache (skips itself without the folder)
              ["folder_cache.py", "--sizes", "64", "128", "224"],
-             # one configuration, 5 seeds: the single val split's noise against the 3-fold mean's
-             ["selection.py", "--seeds", "5", "--folds", "3", "--epochs", "3"]],
+             # one configuration, 5 seeds: the single val split's noise against the 3-fold mean's; then 12
+             # trials swept with and without 3-fold CV: how well each selection metric ranks test AUC
+             ["selection.py", "--seeds", "5", "--folds", "3", "--epochs", "3", "--trials", "12"]],
     # 574 s in the slowest hour yet measured (fp32 matmul 91-162 GFLOP/s, against 196-225 usually), since the
     # benchmark sweeps stop after the search (f48ca92: no test leaderboard or report, 9-12 s a sweep). Before that,
     # 551 s at the usual speed and 703 s in a slow hour (matmul 135). A 256-image search (749 s) or 2 seeds (676 s)
@@ -42,7 +43,7 @@ PLANS = {
               ["search_efficiency.py", "--quick", "--grid-points", "2", "--epochs", "1", "--max-train", "256",
                "--repeats", "2"],
               ["ray_background.py", "--model", "cnn_bn", "--rounds", "2", "--steps", "2", "--max-train", "256"],
-              ["selection.py", "--seeds", "2", "--folds", "2", "--epochs", "1", "--max-train", "128"]],
+              ["selection.py", "--seeds", "2", "--folds", "2", "--epochs", "1", "--max-train", "128", "--trials", "2"]],
 }
 
 

@@ -50,9 +50,10 @@ def start_ray() -> None:
         start_local_ray(Config(), log_to_driver=False)
 
 
-def run_sweep(cfg, splits) -> dict:
+def run_sweep(cfg, splits, inspect=None) -> dict:
     """sweep.run on these splits, the search alone; returns wall time, CPU samples and every trial's
-    reported rows. The sweep's folder (checkpoints: tens of MB) is a temporary one, deleted after."""
+    reported rows. The sweep's folder (checkpoints: tens of MB) is a temporary one, deleted after;
+    ``inspect(experiment folder)``, when given, reads it first and its answer is returned as "inspected"."""
     from pneumo_ray import sweep
     from pneumo_ray.layout import LEADERBOARD_JSON
 
@@ -74,9 +75,11 @@ def run_sweep(cfg, splits) -> dict:
             if rows:
                 trials[rows[0]["trial_id"]] = rows
         tune_start = tune_start_times(exp)
+        inspected = inspect(exp) if inspect else None
     r = cfg.resources
     return {"started": started, "wall_s": wall, "cpu_busy_samples": cpu.samples, "trials": trials,
             "cores_per_trial": r.workers_per_trial * r.cpus_per_worker, "tune_start": tune_start,
+            "inspected": inspected,
             "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

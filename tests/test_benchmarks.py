@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from scipy.stats import spearmanr
 
 from tests.conftest import ROOT
 
@@ -131,10 +132,24 @@ def test_run_all_smoke_writes_every_result(tmp_path):
     assert background["all_resumed"] is True
 
     selection = json.loads((results / "selection.json").read_text())
-    assert len(selection["per_seed"]) == 2 and selection["folds"] == 2
-    for seed in selection["per_seed"]:  # the folds' mean is what a CV trial selects on, at its best epoch
+    noise = selection["noise"]
+    assert len(noise["per_seed"]) == 2 and selection["folds"] == 2
+    for seed in noise["per_seed"]:  # the folds' mean is what a CV trial selects on, at its best epoch
         assert seed["cv_val_auc"] == pytest.approx(np.mean(seed["cv_fold_val_auc"]))
         assert all(0 <= seed[k] <= 1 for k in ("single_val_auc", "cv_val_auc", "single_test_auc", "cv_test_auc"))
-    sds = [s["single_val_auc"] for s in selection["per_seed"]]
-    assert selection["sd"]["single_val_auc"] == pytest.approx(np.std(sds, ddof=1))
-    _check_targets(selection, {"cv_sd<=half_single_sd"})
+    sds = [s["single_val_auc"] for s in noise["per_seed"]]
+    assert noise["sd"]["single_val_auc"] == pytest.approx(np.std(sds, ddof=1))
+    agreement = selection["agreement"]
+    assert agreement["single"]["folds"] == 0 and agreement["cv"]["folds"] == 2
+    for name in ("single", "cv"):
+        sweep = agreement[name]
+        assert 1 <= sweep["trials_scored"] == len(sweep["trials"]) <= 2 and _positive(sweep["wall_s"])
+        assert all(0 <= t[k] <= 1 for t in sweep["trials"] for k in ("selection_val_auc", "test_auc"))
+        if len(sweep["trials"]) == 2:  # rho is recomputed from the trials it was computed over
+            expected = spearmanr([t["selection_val_auc"] for t in sweep["trials"]],
+                                 [t["test_auc"] for t in sweep["trials"]]).statistic
+            assert sweep["spearman_rho"] == pytest.approx(expected)
+    # the random sampler drew the same configurations for both sweeps
+    assert agreement["common_trials"] == min(agreement[n]["trials_scored"] for n in ("single", "cv"))
+    assert agreement["cv_over_single_wall"] == pytest.approx(agreement["cv"]["wall_s"] / agreement["single"]["wall_s"])
+    _check_targets(selection, {"cv_sd<=half_single_sd", "cv_rho>=0.8", "cv_rho>single_rho"})
