@@ -149,7 +149,25 @@ def test_run_all_smoke_writes_every_result(tmp_path):
             expected = spearmanr([t["selection_val_auc"] for t in sweep["trials"]],
                                  [t["test_auc"] for t in sweep["trials"]]).statistic
             assert sweep["spearman_rho"] == pytest.approx(expected)
+    assert set(agreement["rho_cv_minus_single"]) == {"difference", "lo", "hi"}  # None with under 4 configurations
     # the random sampler drew the same configurations for both sweeps
     assert agreement["common_trials"] == min(agreement[n]["trials_scored"] for n in ("single", "cv"))
     assert agreement["cv_over_single_wall"] == pytest.approx(agreement["cv"]["wall_s"] / agreement["single"]["wall_s"])
     _check_targets(selection, {"cv_sd<=half_single_sd", "cv_rho>=0.8", "cv_rho>single_rho"})
+
+
+def test_selection_rho_difference_and_its_interval():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from selection import rho_difference
+
+    def trial(val, test):
+        return {"selection_val_auc": val, "test_auc": test}
+
+    vals = [0.90, 0.92, 0.94, 0.96, 0.98]
+    same = [(trial(v, v), trial(v, v)) for v in vals]
+    assert rho_difference(same) == {"difference": 0.0, "lo": 0.0, "hi": 0.0}
+    # the single split ranks test AUC backwards, CV exactly: rho -1 against +1
+    flipped = [(trial(v, 1 - v), trial(v, v)) for v in vals]
+    result = rho_difference(flipped)
+    assert result["difference"] == pytest.approx(2.0) and result["lo"] == pytest.approx(2.0)
+    assert rho_difference(same[:3])["difference"] is None  # too few configurations to say anything
