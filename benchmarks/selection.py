@@ -128,6 +128,8 @@ def agreement_config(data_cfg, folds: int, args):
     s.sampler, s.asha.enabled, s.num_samples = "random", False, args.trials
     cfg.resources.gpus_per_worker = 0.0
     cores = os.cpu_count() or 1
+    # Rounded down: K workers of cores/K each, rounded to the nearest, can add up to more than the cores, and a
+    # trial that does not fit waits forever.
     cfg.resources.cpus_per_worker = 1.0 if not folds else round(min(1.0, cores / folds) - 0.005, 2)
     return cfg
 
