@@ -171,14 +171,13 @@ def rho_difference(both: list[tuple[dict, dict]], resamples: int = 2000) -> dict
     return {"difference": float(rho(both, 1) - rho(both, 0)), "lo": float(lo), "hi": float(hi)}
 
 
-def agreement(args) -> dict:
+def agreement(args, data_cfg, splits) -> dict:
     """(b) and the cost: the single-split sweep, then the CV sweep, of the same trials."""
     from scipy.stats import spearmanr
     from sweeps_common import run_sweep
 
     from pneumo_ray.data import with_folds
 
-    data_cfg, splits, _ = data_config(args.max_train)
     out = {"trials": args.trials, "epochs": args.epochs}
     for name, folds in (("single", 0), ("cv", args.folds)):
         cfg = agreement_config(data_cfg, folds, args)
@@ -219,13 +218,13 @@ def main() -> int:
     args = parser.parse_args()
 
     speed = matmul_gflops()
-    _, _, kind = data_config(args.max_train)
+    data_cfg, splits, kind = data_config(args.max_train)  # the noise runs' processes load their own
     result = {"data": kind, "folds": args.folds, "targets": {}}
     if "noise" in args.parts:
         result["noise"] = noise(args)
         result["targets"]["cv_sd<=half_single_sd"] = bool(result["noise"]["cv_over_single_sd"] <= 0.5)
     if "agreement" in args.parts:
-        result["agreement"] = agreement(args)
+        result["agreement"] = agreement(args, data_cfg, splits)
         rho = {name: result["agreement"][name]["spearman_rho"] for name in ("single", "cv")}
         result["targets"]["cv_rho>=0.8"] = bool(rho["cv"] >= 0.8)
         result["targets"]["cv_rho>single_rho"] = bool(rho["cv"] > rho["single"])
