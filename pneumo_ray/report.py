@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from pneumo_ray import storage
+from pneumo_ray import credentials, storage
 from pneumo_ray.checkpoints import load_ranked
 from pneumo_ray.config import Config
 from pneumo_ray.data import CLASS_NAMES, Splits
@@ -183,8 +183,8 @@ def search_section(cfg: Config, exp_dir: Path, seed: int) -> str:
     out = ["<h2>Search (Optuna)</h2>"]
     if not cfg.search.optuna_storage and not (exp_dir / OPTUNA_FILE).is_file():  # opening would create an empty one
         return out[0] + f'<p class="note">No {OPTUNA_FILE} in the experiment: no search plots.</p>'
-    url = cfg.search.optuna_storage or default_study_url(str(exp_dir))
     try:
+        url = credentials.expand(cfg.search.optuna_storage or default_study_url(str(exp_dir)), "search.optuna_storage")
         study = optuna.load_study(study_name=cfg.experiment.name, storage=url)
     except Exception as err:  # a server that is gone, a study deleted: the rest of the report still stands
         return out[0] + f'<p class="note">Study not readable ({html.escape(type(err).__name__)}): no search plots.</p>'

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from pneumo_ray import cluster, storage
+from pneumo_ray import cluster, credentials, storage
 from pneumo_ray import config as config_mod
 from pneumo_ray.config import Config, ConfigError, selection_mode
 from pneumo_ray.data import Splits, load_splits
@@ -64,10 +64,12 @@ def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
     return Prepared(cfg, splits, resume)
 
 
-def check_study_storage(url: str) -> None:
-    """Connect to the Optuna database now, so a wrong URL or a missing driver is a one-line error."""
+def check_study_storage(reference: str) -> None:
+    """Connect to the Optuna database now, so a wrong URL, a missing driver or an unset environment
+    variable is a one-line error."""
     import optuna
 
+    url = credentials.expand(reference, "search.optuna_storage")
     try:
         optuna.storages.RDBStorage(url)
     except ImportError as err:  # Optuna wraps SQLAlchemy's missing-driver error
@@ -75,18 +77,9 @@ def check_study_storage(url: str) -> None:
         raise ConfigError(f"search.optuna_storage: {url.split(':', 1)[0]} needs the Python module '{missing}'; "
                           "install it (for PostgreSQL: pip install 'pneumo-ray[postgres]')") from None
     except Exception as err:
-        raise ConfigError(f"search.optuna_storage: cannot open {hide_password(url)} ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:200]}); check the URL and that the database runs") from None
-
-
-def hide_password(url: str) -> str:
-    """The URL as SQLAlchemy renders it with the password masked (``***``), whatever characters it holds."""
-    from sqlalchemy.engine import make_url  # Optuna's own dependency
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can parse: show only its scheme
-        return url.split(":", 1)[0] + "://***"
+        message = str(err).splitlines()[0][:200].replace(url, credentials.masked(url))
+        raise ConfigError(f"search.optuna_storage: cannot open {credentials.masked(url)} ({type(err).__name__}: "
+                          f"{message}); check the URL and that the database runs") from None
 
 
 def check_models(cfg: Config, image_size: int) -> None:
@@ -131,7 +124,7 @@ def make_sampler(cfg: Config):
                                           multivariate=True, constant_liar=True)
 
 
-def close_orphaned_study_trials(exp_dir: Path, storage_url: str, study_name: str) -> list[int]:
+def close_orphaned_study_trials(exp_dir: Path, study_storage, study_name: str) -> list[int]:
     """After a driver crash, Optuna rows of trials that Tune never saved stay RUNNING forever. Tune will
     not run them again (it re-asks the searcher instead), so mark them FAIL. Rows the saved searcher still
     tracks are left alone: the restored trials will complete them."""
@@ -144,7 +137,7 @@ def close_orphaned_study_trials(exp_dir: Path, storage_url: str, study_name: str
         return []
     with open(states[-1], "rb") as f:
         tracked = {t.number for t in pickle.load(f).get("_ot_trials", {}).values()}
-    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    study = optuna.load_study(study_name=study_name, storage=study_storage)
     orphans = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
                if t.number not in tracked]
     for number in orphans:
@@ -207,7 +200,6 @@ def search_finished(cfg: Config, started_at: float) -> bool:
 
 def make_tuner(cfg: Config, splits: Splits, resume: bool, concurrency: int):
     """The Tuner of a new sweep (OptunaSearch + ASHA), or the one Tune saved, for --resume."""
-    import optuna
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -219,9 +211,10 @@ def make_tuner(cfg: Config, splits: Splits, resume: bool, concurrency: int):
     s, exp_uri = cfg.search, cfg.experiment_uri
     trainable = tune.with_parameters(tune_trial, cfg=cfg, splits_holder={"ref": ray.put(splits)})
     trainable = tune.with_resources(trainable, cluster.trial_resources(cfg, ray.cluster_resources()))
-    study_url = s.optuna_storage or default_study_url(exp_uri)  # SQLite only in a local folder (validated)
+    # The config's reference, not the expanded URL: Tune pickles the searcher into the experiment folder.
+    study_storage = credentials.ReferencedRDBStorage(s.optuna_storage or default_study_url(exp_uri))
     if resume:
-        orphans = close_orphaned_study_trials(storage.mirror(exp_uri), study_url, cfg.experiment.name)
+        orphans = close_orphaned_study_trials(storage.mirror(exp_uri), study_storage, cfg.experiment.name)
         if orphans:
             log.info("closed %d Optuna trial(s) left RUNNING by the crash: %s", len(orphans), orphans)
         return tune.Tuner.restore(exp_uri, trainable=trainable, resume_unfinished=True)
@@ -229,7 +222,7 @@ def make_tuner(cfg: Config, splits: Splits, resume: bool, concurrency: int):
     searcher = OptunaSearch(
         space=DefineByRun(cfg), metric=s.metric, mode=mode,
         points_to_evaluate=[dict(p) for p in s.initial_points] + stratified_start(cfg) or None,
-        sampler=make_sampler(cfg), study_name=cfg.experiment.name, storage=optuna.storages.RDBStorage(study_url))
+        sampler=make_sampler(cfg), study_name=cfg.experiment.name, storage=study_storage)
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=max(trial_epochs(cfg)), grace_period=s.asha.grace_period,
                                reduction_factor=s.asha.reduction_factor) if s.asha.enabled else FIFOScheduler())
     return tune.Tuner(

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pneumo_ray.credentials import clear_text_password
 from pneumo_ray.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -90,6 +91,9 @@ def _validate_experiment(cfg: Config) -> None:
     _check(bool(EXPERIMENT_NAME.match(e.name)) and ".." not in e.name, "experiment.name",
            f"{e.name!r} must be letters, digits, '.', '_' or '-' (no path separators, no '..')")
     _check(bool(e.storage), "experiment.storage", "must name a folder or a cloud URI (s3://bucket/prefix)")
+    _check(not clear_text_password(e.storage), "experiment.storage",
+           "holds a secret key in the URI, which the experiment would keep; give the bucket's credentials by "
+           "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or the cloud's own login instead")
     if is_remote(e.storage):
         _check(bool(cfg.search.optuna_storage), "search.optuna_storage",
                f"a cloud experiment.storage ({e.storage}) needs the Optuna study in a database that every run can "
@@ -149,6 +153,10 @@ def _validate_search(cfg: Config) -> None:
         problem = check_model_name(name)
         _check(problem is None, "search.model", problem or "")
     _check_choices(s.optimizer, OPTIMIZERS, "search.optimizer")
+    if s.optuna_storage:
+        _check(not clear_text_password(s.optuna_storage), "search.optuna_storage",
+               "holds a password in clear text, which the experiment would keep; name an environment variable "
+               "instead, e.g. postgresql://user:${OPTUNA_DB_PASSWORD}@host/optuna, and export it")
     _check_log_range(s.lr, "search.lr")
     _check_log_range(s.weight_decay, "search.weight_decay")
     _check(len(s.batch_size) > 0, "search.batch_size", "needs at least one value")

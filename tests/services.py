@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 
 import pytest
 
@@ -27,8 +28,9 @@ def _postgres_bin() -> str | None:
 
 
 @contextlib.contextmanager
-def postgres_server():
-    """A throwaway PostgreSQL cluster in a temp folder; yields a SQLAlchemy URL to an empty database."""
+def postgres_server(password: str | None = None):
+    """A throwaway PostgreSQL cluster in a temp folder; yields a SQLAlchemy URL to an empty database.
+    With ``password`` the server checks it (SCRAM) and the URL carries it, percent-encoded."""
     bindir = _postgres_bin()
     if bindir is None:
         pytest.skip("PostgreSQL server binaries not found: install Debian's 'postgresql' package (.ci/run does)")
@@ -38,24 +40,36 @@ def postgres_server():
     if as_user:
         shutil.chown(data, "postgres")
     port = free_port()
-    subprocess.run([*as_user, f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "pneumo"], check=True,
+    auth = ["-A", "trust"]
+    if password is not None:
+        pwfile = data + ".pw"  # beside the data folder: initdb wants that one empty
+        with open(pwfile, "w") as f:
+            f.write(password + "\n")
+        if as_user:
+            shutil.chown(pwfile, "postgres")
+        auth = ["-A", "scram-sha-256", f"--pwfile={pwfile}"]
+    subprocess.run([*as_user, f"{bindir}/initdb", "-D", data, *auth, "-U", "pneumo"], check=True,
                    capture_output=True)
     server = subprocess.Popen([*as_user, f"{bindir}/postgres", "-D", data, "-p", str(port), "-k", data,
                                "-c", "listen_addresses=127.0.0.1"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        client_env = {**os.environ, "PGPASSWORD": password or ""}
         for _ in range(100):
             if subprocess.run([f"{bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(port)],
                               capture_output=True).returncode == 0:
                 break
             time.sleep(0.2)
         subprocess.run([f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "pneumo", "optuna"],
-                       check=True, capture_output=True)
-        yield f"postgresql://pneumo@127.0.0.1:{port}/optuna"
+                       check=True, capture_output=True, env=client_env)
+        userinfo = "pneumo" if password is None else f"pneumo:{urllib.parse.quote(password, safe='')}"
+        yield f"postgresql://{userinfo}@127.0.0.1:{port}/optuna"
     finally:
         os.killpg(server.pid, 15)  # its own session: runuser and postgres, nothing else
         server.wait(timeout=30)
         shutil.rmtree(data, ignore_errors=True)
+        if password is not None:
+            os.remove(data + ".pw")
 
 
 @contextlib.contextmanager

@@ -1,9 +1,14 @@
-"""A sweep whose experiment lives in an S3 bucket and whose Optuna study lives in PostgreSQL: the
-storage a multi-node cluster needs. Both servers are real and run on loopback for the test."""
+"""A sweep whose experiment lives in an S3 bucket and whose Optuna study lives in a password-protected
+PostgreSQL: the storage a multi-node cluster needs. Both servers are real and run on loopback for the
+test. The password reaches the sweep only by environment variable, and is then looked for everywhere
+the sweep writes."""
 
 from __future__ import annotations
 
 import json
+import os
+import urllib.parse
+from pathlib import Path
 
 import pyarrow.fs
 import pytest
@@ -35,6 +40,14 @@ def write_config(tmp_path, **experiment_and_search) -> str:
     return str(path)
 
 
+PASSWORD = "pg@ss:W0rd/7731"  # '@', ':' and '/' must be percent-encoded in a URL
+
+
+def files_holding(folder: Path, needles: list[bytes]) -> list[str]:
+    return [str(f) for f in folder.rglob("*") if f.is_file() and not f.is_symlink()
+            and any(n in f.read_bytes() for n in needles)]
+
+
 def test_cloud_storage_needs_a_database_for_the_study(tmp_path, capsys):
     config = write_config(tmp_path, experiment={"storage": "s3://pneumo-results/sweeps"})
     assert main(["sweep", "--config", config]) == 2
@@ -55,13 +68,17 @@ def test_unreachable_study_database_fails_before_ray(tmp_path, capsys):
 @pytest.mark.own_cluster  # its driver starts a local Ray, so it runs before the shared session Ray exists
 def test_sweep_in_s3_bucket_with_postgres_study_then_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PNEUMO_RAY_CACHE", str(tmp_path / "cache"))
-    with postgres_server() as db_url, s3_server(monkeypatch, "pneumo-results") as bucket:
+    monkeypatch.setenv("PNEUMO_TEST_DB_PASSWORD", PASSWORD)
+    with postgres_server(password=PASSWORD) as db_url, s3_server(monkeypatch, "pneumo-results") as bucket:
         storage = f"{bucket}/sweeps"
         exp = f"{storage}/cloud"
+        reference = db_url.replace(urllib.parse.quote(PASSWORD, safe=""), "${PNEUMO_TEST_DB_PASSWORD}")
+        assert "${" in reference
         config = write_config(tmp_path, experiment={"storage": storage, "name": "cloud"},
-                              search={"optuna_storage": db_url})
+                              search={"optuna_storage": reference})
         result = run_cli("--config", config, cwd=tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        output = result.stdout + result.stderr
 
         files = bucket_files(exp)
         for name in ("pneumo_config.yaml", "leaderboard.json", "leaderboard.csv", "leaderboard.md"):
@@ -90,3 +107,17 @@ def test_sweep_in_s3_bucket_with_postgres_study_then_resume(tmp_path, monkeypatc
         after = bucket_files(exp)
         assert {f for f in after if f.startswith("tune_trial_") and f.endswith("/result.json")} == before
         assert study_states(db_url, "cloud") == ["COMPLETE"] * 3
+        output += printed + result.stdout + result.stderr
+
+        # The password, raw or percent-encoded, is nowhere the sweep wrote or printed: not in the bucket
+        # (config, Tune's pickles, TensorBoard events), the local mirror, Ray's temp folder or the output.
+        needles = [PASSWORD.encode(), urllib.parse.quote(PASSWORD, safe="").encode()]
+        fs, root = pyarrow.fs.FileSystem.from_uri(exp)
+        in_bucket = [f for f in after if any(n in fs.open_input_stream(f"{root}/{f}").read() for n in needles)]
+        assert in_bucket == [] and {"tuner.pkl", "pneumo_config.yaml"} <= after
+        assert any(f.startswith("searcher-state") for f in after)
+        assert any("events.out.tfevents" in f for f in after)
+        assert files_holding(tmp_path, needles) == []
+        assert files_holding(Path(os.environ["RAY_TMPDIR"]), needles) == []
+        assert not any(n.decode() in output for n in needles)
+        assert "${PNEUMO_TEST_DB_PASSWORD}" in fs.open_input_stream(f"{root}/pneumo_config.yaml").read().decode()
