@@ -47,7 +47,7 @@ def test_relative_paths_are_taken_from_the_working_directory(tmp_path, monkeypat
 @pytest.mark.parametrize("storage", ["s3://bucket/sweeps", "gs://bucket/sweeps"])
 def test_bucket_uris_and_database_urls_stay_as_they_are(tmp_path, monkeypatch, storage):
     monkeypatch.chdir(tmp_path)
-    url = "postgresql://optuna:p%40ss@db-host:5432/optuna"
+    url = "postgresql://optuna:${OPTUNA_DB_PASSWORD}@db-host:5432/optuna"
     cfg = config.loads(yaml.safe_dump({"experiment": {"storage": storage}, "search": {"optuna_storage": url}}),
                        "cfg.yaml")
     assert cfg.experiment.storage == storage and cfg.experiment_uri == f"{storage}/pneumo"
