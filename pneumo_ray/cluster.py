@@ -61,6 +61,30 @@ def check_fits_here(cfg: Config) -> None:
                           "--address to run on a cluster")
 
 
+def check_no_other_ray() -> None:
+    """A sweep without --address starts its own Ray, and one Ray per machine is all that works: Train V2's
+    placement-group cleaner finds Ray by scanning the machine and gives up when there are several. Nor
+    is it safe to join a Ray that another sweep started, since it stops when that sweep ends. So say
+    how to share one instead. A caller that already runs Ray in this process (a notebook) uses that one."""
+    import sys
+
+    import psutil
+
+    from pneumo_ray.errors import ConfigError
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
+    gcs = []
+    for proc in psutil.process_iter(["name", "cmdline", "status"]):
+        if proc.info["name"] == "gcs_server" and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            ports = [a.split("=", 1)[1] for a in proc.info["cmdline"] or [] if a.startswith("--gcs_server_port=")]
+            gcs.append(f"pid {proc.pid}" + (f", port {ports[0]}" if ports else ""))
+    if gcs:
+        raise ConfigError(f"--address: a Ray instance already runs on this machine ({'; '.join(gcs)}), perhaps "
+                          "another sweep's; to run sweeps side by side, start one shared Ray with `ray start "
+                          "--head` and pass --address auto to each, or wait for the other sweep to end")
+
+
 def resolve_gpus(cfg: Config, cluster_resources: dict) -> Config:
     """A copy of ``cfg`` with gpus_per_worker: auto settled: 1 GPU per worker where the cluster has GPUs,
     else CPU training. An explicit number is kept."""

@@ -57,11 +57,46 @@ def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
                           "pass --resume to continue it or --name NEW to start another (nothing was overwritten)")
     if cfg.search.optuna_storage:
         check_study_storage(cfg.search.optuna_storage)
+    if local:
+        cluster.check_no_other_ray()
     splits = load_splits(cfg.data, cfg.experiment.seed)
     if local:
         cluster.check_fits_here(cfg)
     check_models(cfg, splits.image_size)
     return Prepared(cfg, splits, resume)
+
+
+def claim_experiment(cfg: Config) -> None:
+    """Make this the one sweep of its name, and save its config. Two sweeps started at once under one
+    name both pass prepare's "already exists" check, so the claim itself must be atomic: locally the
+    config file is created exclusively (O_EXCL). A bucket has no such write through pyarrow, but a
+    bucket's study lives in a database (validated), and there the study is created exclusively instead:
+    the database's unique study name decides. Raises ConfigError for the one that lost, before Ray."""
+    import optuna
+
+    exp_uri, name = cfg.experiment_uri, cfg.experiment.name
+    lost = ConfigError(f"{exp_uri}: experiment '{name}' already exists (another sweep just started it, or its "
+                       "Optuna study is in search.optuna_storage); pass --resume to continue it or --name NEW to "
+                       "start another (nothing was overwritten)")
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    config_file = storage.join(exp_uri, CONFIG_FILE)
+    if not storage.is_remote(exp_uri):
+        Path(exp_uri).mkdir(parents=True, exist_ok=True)
+        try:
+            with open(config_file, "x") as f:
+                f.write(text)
+        except FileExistsError:
+            raise lost from None
+    if cfg.search.optuna_storage:  # a database outlives any one folder: a new experiment needs a new study
+        try:
+            optuna.create_study(study_name=name, storage=credentials.ReferencedRDBStorage(cfg.search.optuna_storage),
+                                direction="minimize" if selection_mode(cfg.search.metric) == "min" else "maximize")
+        except optuna.exceptions.DuplicatedStudyError:
+            if not storage.is_remote(exp_uri):
+                Path(config_file).unlink()  # the file this sweep just created, and nothing else
+            raise lost from None
+    if storage.is_remote(exp_uri):
+        storage.write_text(config_file, text)
 
 
 def check_study_storage(reference: str) -> None:
@@ -163,7 +198,7 @@ def run(prepared: Prepared, address: str | None = None, leaderboard: bool = True
     cfg, splits = prepared.cfg, prepared.splits
     exp_uri = cfg.experiment_uri
     if not prepared.resume:
-        storage.write_text(storage.join(exp_uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        claim_experiment(cfg)
     log.info("data %s", splits.summary())
     log.info("experiment %s  (tensorboard --logdir %s)", exp_uri, exp_uri)
 
