@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,7 +49,17 @@ def kill_node(tmpdir: str) -> int:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.time() + 30  # gone, not dying: the next test's sweep refuses to start beside a live Ray
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() and not zombie(pid) for pid in pids):
+        time.sleep(0.1)
     return len(pids)
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def node_of_epochs(exp: Path) -> dict[str, list[tuple[int, str]]]:
@@ -147,6 +158,8 @@ def main(workdir: Path) -> dict:
     finally:
         kill_node(worker_tmp)
         kill_node(head_tmp)
+        for folder in (worker_tmp, head_tmp):
+            shutil.rmtree(folder, ignore_errors=True)
     return report
 
 
