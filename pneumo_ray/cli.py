@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -102,6 +103,26 @@ def outputs_line(exp_uri: str) -> str:
     return f"Outputs in {exp_uri}: {', '.join(present)}"
 
 
+@contextlib.contextmanager
+def reading_experiment(where: str):
+    """A broken or foreign experiment folder (a truncated model.pt, hand-edited JSON, a folder of something
+    else) ends in one line naming it, not in a traceback from deep inside the reader."""
+    import pickle
+    import zipfile
+
+    import yaml
+
+    from pneumo_ray.errors import BadArgument
+
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, EOFError, pickle.UnpicklingError,
+            zipfile.BadZipFile, yaml.YAMLError) as err:
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise BadArgument(f"{where}: not a readable pneumo-ray experiment ({type(err).__name__}: {detail}); check "
+                          "the path, or that its sweep finished and its files are intact") from None
+
+
 def experiment_location(arg: str) -> str:
     from pneumo_ray import storage
 
@@ -116,7 +137,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     path = storage.join(experiment_location(args.experiment), LEADERBOARD_MD)
     if not storage.exists(path):
         raise BadArgument(f"{path}: no leaderboard here; pass an experiment folder whose sweep has finished")
-    print(storage.read_text(path))
+    with reading_experiment(path):
+        print(storage.read_text(path))
     return 0
 
 
@@ -132,9 +154,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise BadArgument(f"{where}: no finished sweep here ({LEADERBOARD_JSON} missing); finish it with "
                           "`python sweeps/run.py --resume --storage DIR --name NAME`, or check the path")
     saved = storage.join(where, CONFIG_FILE)
-    cfg = config.loads(storage.read_text(saved), saved)
-    splits = load_splits(cfg.data, cfg.experiment.seed)  # the same data the sweep used (checked like a sweep's)
-    finish(storage.mirror(where), where, cfg, splits)
+    with reading_experiment(where):
+        cfg = config.loads(storage.read_text(saved), saved)
+        splits = load_splits(cfg.data, cfg.experiment.seed)  # the same data the sweep used (checked like a sweep's)
+        finish(storage.mirror(where), where, cfg, splits)
     print(storage.read_text(storage.join(where, LEADERBOARD_MD)))
     print(f"Report: {storage.join(where, REPORT_FILE)}")
     return 0
@@ -143,8 +166,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pneumo_ray import predict
 
-    lines, errors = predict.run(Path(args.experiment).expanduser(), args.images, rank=args.rank,
-                                ensemble=args.ensemble, cam_dir=Path(args.cam).expanduser() if args.cam else None)
+    with reading_experiment(args.experiment):
+        lines, errors = predict.run(Path(args.experiment).expanduser(), args.images, rank=args.rank,
+                                    ensemble=args.ensemble, cam_dir=Path(args.cam).expanduser() if args.cam else None)
     print("\n".join(lines), flush=True)
     for error in errors:
         print(f"pneumo-ray: error: {error}", file=sys.stderr)

@@ -134,8 +134,15 @@ def _from_arrays(arrays, where: str) -> Splits:
             raise ConfigError(f"{where}: '{name}_images' must be N x H x W grayscale, got shape {images.shape}")
         if images.dtype != np.uint8:
             raise ConfigError(f"{where}: '{name}_images' must be uint8, got {images.dtype}")
+        if images.shape[1] != images.shape[2]:
+            raise ConfigError(f"{where}: '{name}_images' must be square, got {images.shape[1]} x {images.shape[2]}")
+        labels = np.asarray(arrays[f"{name}_labels"]).reshape(-1)
+        # astype(int64) alone would turn 0.7 into 0 and NaN into a huge negative number without a word
+        if labels.dtype.kind not in "iub" and not (labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0)):
+            raise ConfigError(f"{where}: '{name}_labels' must be whole numbers 0 (normal) or 1 (pneumonia), "
+                              f"got {labels.dtype} values such as {labels[:3].tolist()}")
         out[f"{name}_x"] = np.ascontiguousarray(images)
-        out[f"{name}_y"] = np.asarray(arrays[f"{name}_labels"]).reshape(-1).astype(np.int64)
+        out[f"{name}_y"] = labels.astype(np.int64)
     return Splits(**out, source=where)
 
 
@@ -195,30 +202,36 @@ def read_gray(path: Path, size: int, center_crop: bool = False) -> np.ndarray:
 
 
 def _load_folder(cfg: DataConfig, seed: int) -> Splits:
-    """Kaggle chest_xray layout: {train,val,test}/{NORMAL,PNEUMONIA}/* (folder names case-insensitive)."""
+    """Kaggle chest_xray layout: {train,val,test}/{NORMAL,PNEUMONIA}/* (folder names case-insensitive).
+    An entry with an image suffix that is not a regular file (a folder, a FIFO, a broken or looping
+    link), and any folder nested in a class folder, is skipped and named, like an image that fails to decode."""
     root = Path(cfg.path).expanduser()
     if not root.is_dir():
         raise ConfigError(f"{root}: folder not found; expected {{train,val,test}}/{{NORMAL,PNEUMONIA}}/ images")
     files: dict[str, list[tuple[Path, int]]] = {s: [] for s in SPLITS}
-    for split_dir in root.iterdir():
+    unusable: list[str] = []
+    for split_dir in _entries(root):
         if split_dir.name.lower() not in SPLITS or not split_dir.is_dir():
             continue
-        for class_dir in split_dir.iterdir():
+        for class_dir in _entries(split_dir):
             name = class_dir.name.lower()
             if class_dir.is_dir() and name in CLASS_NAMES:
-                label = CLASS_NAMES.index(name)
-                files[split_dir.name.lower()] += [(p, label) for p in sorted(class_dir.iterdir())
-                                                  if p.suffix.lower() in IMAGE_SUFFIXES]
+                for p in _entries(class_dir):
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                        files[split_dir.name.lower()].append((p, CLASS_NAMES.index(name)))
+                    elif p.suffix.lower() in IMAGE_SUFFIXES or p.is_dir():
+                        unusable.append(shown(p) + ("/ (a nested folder)" if p.is_dir() else " (not a regular file)"))
     for s in ("train", "test"):
         if not files[s]:
             raise ConfigError(f"{root}: no images under {s}/NORMAL or {s}/PNEUMONIA; "
                               "expected the Kaggle chest_xray layout")
 
     arrays, skipped = _decoded(files, cfg)
+    skipped = unusable + skipped
     for s in ("train", "test"):
         if not len(arrays[s][1]):
             raise ConfigError(f"{root}: none of the {len(files[s])} images under {s}/ could be read "
-                              f"(e.g. {files[s][0][0].name}); replace them with readable PNG or JPEG files")
+                              f"(e.g. {shown(files[s][0][0])}); replace them with readable PNG or JPEG files")
 
     if len(arrays["val"][1]) < cfg.min_val_images:
         # Kaggle's val split has 16 images: too few to select models on. Carve a stratified one from train.
@@ -234,6 +247,19 @@ def _load_folder(cfg: DataConfig, seed: int) -> Splits:
         log.warning("skipped %d unreadable image(s): %s%s", len(skipped), ", ".join(skipped[:10]),
                     " ..." if len(skipped) > 10 else "")
     return Splits(*arrays["train"], *arrays["val"], *arrays["test"], source=f"folder:{root}", skipped_files=skipped)
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as err:
+        raise ConfigError(f"{shown(folder)}: cannot list this folder ({err.strerror or type(err).__name__}); "
+                          "check its permissions") from None
+
+
+def shown(path: Path) -> str:
+    """A path as it can be printed: a name that is not valid UTF-8 shows its odd bytes as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _decode(files: dict[str, list[tuple[Path, int]]], size: int) -> tuple[dict, list[str]]:
@@ -252,7 +278,7 @@ def _decode(files: dict[str, list[tuple[Path, int]]], size: int) -> tuple[dict, 
         for s in SPLITS:
             images = list(pool.map(read, files[s]))
             ok = [i for i, img in enumerate(images) if img is not None]
-            skipped += [str(files[s][i][0]) for i, img in enumerate(images) if img is None]
+            skipped += [shown(files[s][i][0]) for i, img in enumerate(images) if img is None]
             arrays[s] = (np.stack([images[i] for i in ok]) if ok else np.zeros((0, size, size), np.uint8),
                          np.array([files[s][i][1] for i in ok], dtype=np.int64))
     return arrays, skipped
@@ -263,8 +289,11 @@ def _content_key(files: dict[str, list[tuple[Path, int]]], size: int) -> str:
     digest = hashlib.sha256(f"pneumo-ray folder cache 1, {size}px".encode())
     for s in SPLITS:
         for path, label in files[s]:
-            digest.update(f"{s}/{label}/{path.name}\0".encode())
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+            digest.update(f"{s}/{label}/".encode() + os.fsencode(path.name) + b"\0")
+            try:
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+            except OSError as err:  # unreadable now: decoding will skip it; the key still changes once it is fixed
+                digest.update(f"unreadable {err.errno}".encode())
     return digest.hexdigest()[:32]
 
 
