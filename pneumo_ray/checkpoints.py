@@ -1,4 +1,5 @@
-"""An experiment's kept checkpoints: which trial kept which epochs, the best of each, and their models.
+"""Checkpoints: a running trial's (written each epoch, read to resume) and an experiment's kept ones
+(which trial kept which epochs, the best of each, and their models).
 
 Ray Train keeps a TorchTrainer trial's checkpoints in ``train_runs/<trial id>/``; Tune keeps an inline
 trial's beside its result log. The leaderboard ranks them; predict and the report load its copies.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -18,12 +20,13 @@ from pneumo_ray.layout import (
     CHECKPOINT_GLOB,
     META_FILE,
     MODEL_FILE,
+    STATE_FILE,
     TRAIN_RUNS,
     TRIAL_RESULT_FILE,
     best_copy_name,
     fold_dir_name,
 )
-from pneumo_ray.models import build_model
+from pneumo_ray.models import build_model, unwrap
 
 
 def trials_that_trained(exp_dir: Path) -> int:
@@ -92,3 +95,35 @@ def load_ranked(exp_dir: Path, row: dict) -> list[tuple[torch.nn.Module, dict]]:
     leaderboard's own copy."""
     folder = best_copy(exp_dir, row["rank"], row["trial_id"])
     return load_members(folder, json.loads((folder / META_FILE).read_text()))
+
+
+def write_trial_checkpoint(directory: str, run, meta: dict) -> None:
+    """A running trial's checkpoint: weights, meta.json, and the training state (``train.Run``) to resume."""
+    torch.save(unwrap(run.model).state_dict(), os.path.join(directory, MODEL_FILE))
+    # RNG states too, so a resumed trial continues the very same run (same augmentations, same dropout).
+    torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict(), "epoch": run.epoch,
+                "aug_rng": run.aug_gen.get_state(), "torch_rng": torch.get_rng_state()},
+               os.path.join(directory, STATE_FILE))
+    Path(directory, META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def restore(run, checkpoint_dir: str, seed: int, rank: int) -> str | None:
+    """Continue ``train.Run`` from a checkpoint: weights, optimizer, schedule, scaler and (rank 0's) random
+    state. Returns None, or what made the checkpoint unreadable (a file cut short by a full disk or an
+    interrupted copy): the caller then starts the trial over rather than fail it."""
+    try:
+        unwrap(run.model).load_state_dict(torch.load(os.path.join(checkpoint_dir, MODEL_FILE), weights_only=True))
+        state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), weights_only=True)
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
+        run.epoch = state["epoch"]
+    except Exception as err:  # torch raises RuntimeError, EOFError, pickle and zip errors for damaged files
+        return f"checkpoint {checkpoint_dir} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    if rank == 0:  # the checkpoint holds rank 0's random state; other ranks draw fresh streams
+        run.aug_gen.set_state(state["aug_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    else:
+        run.aug_gen.manual_seed(seed * 7919 + rank + 104_729 * run.epoch)
+    return None

@@ -8,7 +8,9 @@ for the benchmarks and tests. Nothing else in the project trains a model, and no
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import resource
@@ -24,12 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumo_ray.augment import augment_batch, to_float
+from pneumo_ray.checkpoints import restore, write_trial_checkpoint
 from pneumo_ray.config import Config
 from pneumo_ray.data import Splits
 from pneumo_ray.evaluate import evaluate
-from pneumo_ray.layout import META_FILE, MODEL_FILE, STATE_FILE, fold_dir_name
+from pneumo_ray.layout import META_FILE, STATE_FILE, fold_dir_name
 from pneumo_ray.models import build_model, freeze, head_prefix, is_head_param, set_train_mode, unwrap
 from pneumo_ray.search_space import with_trial_params
+
+log = logging.getLogger(__name__)
 
 VAL_METRICS = ("val_loss", "val_acc", "val_balanced_acc", "val_auc", "val_f1", "val_sensitivity", "val_specificity")
 
@@ -63,8 +68,10 @@ class LocalSession:
     def mark_diverged(self, reason: str) -> None:
         self.diverged = reason
 
-    def latest_checkpoint(self) -> str | None:
-        return self.checkpoint_dir if self.checkpoint_dir and Path(self.checkpoint_dir, STATE_FILE).exists() else None
+    def latest_checkpoint(self):
+        """A context giving the checkpoint folder to resume from, or None."""
+        found = self.checkpoint_dir and Path(self.checkpoint_dir, STATE_FILE).exists()
+        return contextlib.nullcontext(self.checkpoint_dir if found else None)
 
     def report(self, metrics: dict, write_checkpoint: Callable[[str], None] | None) -> None:
         self.history.append(metrics)
@@ -155,6 +162,15 @@ def average_bn_stats(model: nn.Module, session) -> None:
             buf /= session.world_size
 
 
+def _any_worker(flag: bool) -> bool:
+    """``flag`` on any worker of the trial (all of them, across folds); just ``flag`` without DDP."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)])  # gloo and NCCL both reduce a CPU tensor through the default group here
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def fold_summary(val: dict | None, metric: str, session) -> dict:
     """The val metrics of all folds' models, gathered from each fold's first rank (``val``; None on the
     others): their mean under each metric's own name, which is what Tune, ASHA and Optuna see, their sd as
@@ -177,16 +193,6 @@ def any_fold_diverged(reason: str | None, session) -> str | None:
     flag = torch.tensor([session.fold + 1 if reason else 0], dtype=torch.float64, device=session.device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return reason or (f"diverged: the loss of fold {int(flag.item()) - 1} became NaN/inf" if flag.item() else None)
-
-
-def _write_checkpoint(directory: str, run: Run, meta: dict) -> None:
-    torch.save(unwrap(run.model).state_dict(), os.path.join(directory, MODEL_FILE))
-    # RNG states too, so a resumed trial continues the very same run (same augmentations, same dropout).
-    torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                "scaler": run.scaler.state_dict(), "epoch": run.epoch,
-                "aug_rng": run.aug_gen.get_state(), "torch_rng": torch.get_rng_state()},
-               os.path.join(directory, STATE_FILE))
-    Path(directory, META_FILE).write_text(json.dumps(meta, indent=1))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -226,21 +232,6 @@ def build_run(cfg: Config, params: dict, splits: Splits, session) -> Run:
     scaler = torch.amp.GradScaler(session.device.type, enabled=cfg.train.amp and session.device.type == "cuda")
     aug_gen = torch.Generator().manual_seed(seed * 7919 + session.rank)
     return Run(model, optimizer, scheduler, scaler, aug_gen, steps_per_epoch, local_batch)
-
-
-def restore(run: Run, checkpoint_dir: str, seed: int, rank: int) -> None:
-    """Continue from a checkpoint: weights, optimizer, schedule, scaler and (rank 0's) random state."""
-    unwrap(run.model).load_state_dict(torch.load(os.path.join(checkpoint_dir, MODEL_FILE), weights_only=True))
-    state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), weights_only=True)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    run.epoch = state["epoch"]
-    if rank == 0:  # the checkpoint holds rank 0's random state; other ranks draw fresh streams
-        run.aug_gen.set_state(state["aug_rng"])
-        torch.set_rng_state(state["torch_rng"])
-    else:
-        run.aug_gen.manual_seed(seed * 7919 + rank + 104_729 * run.epoch)
 
 
 def train_epoch(run: Run, cfg: Config, params: dict, train_x: torch.Tensor, train_y: np.ndarray, mean: float,
@@ -286,10 +277,12 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
     if folded:
         splits = splits.fold(session.fold)
     run = build_run(cfg, params, splits, session)
-    restored = session.latest_checkpoint()
-    if restored:
-        restore(run, os.path.join(restored, fold_dir_name(session.fold)) if folded else restored,
-                cfg.experiment.seed, session.rank)
+    with session.latest_checkpoint() as restored:
+        folder = os.path.join(restored, fold_dir_name(session.fold)) if restored and folded else restored
+        problem = restore(run, folder, cfg.experiment.seed, session.rank) if restored else None
+    if _any_worker(problem is not None):  # all start over, or the ranks' collectives would fall out of step
+        log.warning("%s; training this trial again from epoch 1", problem or "a checkpoint on another rank is bad")
+        run = build_run(cfg, params, splits, session)  # a half-read checkpoint may have loaded some of its state
 
     mean, std = splits.train_mean_std()
     with warnings.catch_warnings():  # object-store arrays are read-only; we only ever index them
@@ -303,10 +296,10 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
 
     def write_checkpoint(directory: str, metrics: dict, fold_val: dict | None) -> None:
         if not folded:
-            return _write_checkpoint(directory, run, {**meta, "metrics": metrics})
+            return write_trial_checkpoint(directory, run, {**meta, "metrics": metrics})
         fold_dir = os.path.join(directory, fold_dir_name(session.fold))
         os.makedirs(fold_dir)
-        _write_checkpoint(fold_dir, run, {**meta, "fold": session.fold, "metrics": {**metrics, **fold_val}})
+        write_trial_checkpoint(fold_dir, run, {**meta, "fold": session.fold, "metrics": {**metrics, **fold_val}})
         if session.world_rank == 0:  # the trial's own meta.json: what it is ranked by, and how many folds
             Path(directory, META_FILE).write_text(json.dumps({**meta, "cv_folds": session.folds, "metrics": metrics},
                                                              indent=1))

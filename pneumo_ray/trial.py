@@ -12,6 +12,7 @@ cost each of them start-up time and memory. The workers import it.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from typing import TYPE_CHECKING, Callable
@@ -215,11 +216,12 @@ class RaySession:
         if self.world_rank == 0 and self.diverged_file:
             storage.write_text(self.diverged_file, reason)
 
-    def latest_checkpoint(self) -> str | None:
-        checkpoint = self._api.get_checkpoint()  # set when Ray retries or resumes this trial
-        if checkpoint is None:
-            return None
-        return checkpoint.to_directory(tempfile.mkdtemp(prefix="pneumo-restore-"))
+    def latest_checkpoint(self):
+        """A context giving the checkpoint folder to resume from (set when Ray retries or resumes this
+        trial), or None. Ray's as_directory reads a local checkpoint in place, and deletes the copy it
+        downloads of a cloud one when the context ends."""
+        checkpoint = self._api.get_checkpoint()
+        return contextlib.nullcontext(None) if checkpoint is None else checkpoint.as_directory()
 
     def report(self, metrics: dict, write_checkpoint: Callable[[str], None] | None) -> None:
         if self.inline:

@@ -154,6 +154,32 @@ def test_resume_of_unknown_experiment(tmp_path, capsys):
     assert code == 2 and "no experiment to resume" in err
 
 
+@pytest.mark.parametrize("damage, expected", [
+    ("config garbage", "the experiment's saved config is damaged"),
+    ("no tuner.pkl", "Tune's saved state is damaged (tuner.pkl is missing)"),
+    ("no experiment state", "Tune's saved state is damaged (no experiment_state-*.json)"),
+    ("experiment state cut short", "experiment_state-2026-01-01_00-00-00.json is unreadable (JSONDecodeError)"),
+])
+def test_resume_of_a_damaged_experiment_is_one_line(tmp_path, capsys, damage, expected):
+    """What --resume finds broken is said in one line with what to do, before Ray, and nothing is changed."""
+    exp = tmp_path / "broken"
+    exp.mkdir()
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["experiment"].update(name="broken", storage=str(tmp_path))
+    (exp / "pneumo_config.yaml").write_text("data: [unclosed\n" if damage == "config garbage" else yaml.safe_dump(cfg))
+    if damage != "no tuner.pkl":
+        (exp / "tuner.pkl").write_bytes(b"pickled tuner")
+    state = '{"trial_data": [], "runner_data": {}}'
+    if damage != "no experiment state":
+        (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(
+            state[:10] if damage == "experiment state cut short" else state)
+    before = {p: p.read_bytes() for p in exp.iterdir()}
+    code, err = run_main(capsys, "--config", str(SMOKE), "--storage", str(tmp_path), "--name", "broken", "--resume")
+    assert code == 2 and expected in err and len(err.splitlines()) == 1, err
+    assert "--name NEW" in err
+    assert {p: p.read_bytes() for p in exp.iterdir()} == before
+
+
 def test_cli_argument_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["sweep", "--num-samples", "zero"])

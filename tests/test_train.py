@@ -14,7 +14,7 @@ import torch
 
 from pneumo_ray import config
 from pneumo_ray.data import load_splits
-from pneumo_ray.layout import MODEL_FILE
+from pneumo_ray.layout import MODEL_FILE, STATE_FILE
 from pneumo_ray.models import build_model
 from pneumo_ray.train import LocalSession, epoch_indices, fit, lr_factor, make_optimizer
 from tests.conftest import wait_for_free_cpus
@@ -73,16 +73,22 @@ class DyingSession(LocalSession):
             raise Interrupted
 
 
-def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
-    cfg = small_cfg(epochs=4)
+def straight_and_interrupted(epochs: int, checkpoint_dir):
+    """A run of ``epochs`` start to end, and one that died after its epoch-2 checkpoint in
+    ``checkpoint_dir``: (config, splits, the straight run's session and model)."""
+    cfg = small_cfg(epochs=epochs)
     splits = load_splits(cfg.data)
     straight = LocalSession(threads=1)
     reference = fit(cfg, PARAMS, splits, straight)
-
-    dying = DyingSession(threads=1, checkpoint_dir=str(tmp_path))
+    dying = DyingSession(threads=1, checkpoint_dir=str(checkpoint_dir))
     dying.die_after = 2
     with pytest.raises(Interrupted):
         fit(cfg, PARAMS, splits, dying)
+    return cfg, splits, straight, reference
+
+
+def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
+    cfg, splits, straight, reference = straight_and_interrupted(4, tmp_path)
     resumed = LocalSession(threads=1, checkpoint_dir=str(tmp_path))
     model = fit(cfg, PARAMS, splits, resumed)
 
@@ -91,6 +97,23 @@ def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(t
     for key, value in reference.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
     assert resumed.history[-1]["val_auc"] == straight.history[-1]["val_auc"]
+
+
+@pytest.mark.parametrize("damaged", [MODEL_FILE, STATE_FILE])
+def test_an_unreadable_checkpoint_starts_the_trial_over_with_a_warning(tmp_path, caplog, damaged):
+    """A checkpoint cut short (a full disk, an interrupted copy) must not fail the trial for good: it
+    trains again from epoch 1, to the same result as a run that never had a checkpoint."""
+    cfg, splits, _, reference = straight_and_interrupted(3, tmp_path)
+    path = tmp_path / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    resumed = LocalSession(threads=1, checkpoint_dir=str(tmp_path))
+    with caplog.at_level("WARNING", logger="pneumo_ray"):
+        model = fit(cfg, PARAMS, splits, resumed)
+
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert f"{tmp_path} is unreadable" in caplog.text and "again from epoch 1" in caplog.text
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
 
 
 def test_epoch_shards_are_disjoint_and_equal():
