@@ -1,4 +1,5 @@
-"""``build_model(name, ...)``: the seed baselines plus any timm model, with freezing by stage.
+"""``build_model(name, ...)``: this project's small baselines, the networks of the notebook studies it
+replaces (``study000_*``, ``study003_cnn``: docs/studies.md), and any timm model, with freezing by stage.
 
 Freezing is generic: timm models describe their own stages through
 ``group_matcher(coarse=True)`` (group 0 = stem, 1..n = stages, last = head), so
@@ -10,13 +11,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 BASELINES = ("mlp", "cnn", "cnn_bn")
-HEAD_PREFIX = "head"  # name of the classifier in the baselines, so head warm-up finds it
+STUDY_NETWORKS = ("study000_mlp", "study000_cnn", "study000_cnn_advanced", "study003_cnn")
+HEAD_PREFIX = "head"  # name of the classifier in the baselines and study networks, so head warm-up finds it
 
 
 class MLP(nn.Module):
+    """This project's MLP baseline (not a study's network): two hidden layers of 256 and 128."""
+
     def __init__(self, image_size: int, num_classes: int, dropout: float):
         super().__init__()
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(image_size * image_size, 256), nn.ReLU(inplace=True),
@@ -35,7 +40,8 @@ def _conv_block(c_in: int, c_out: int, bn: bool) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    """The seed notebooks' CNN: conv-pool x3 then a dense head; ``bn`` adds BatchNorm (cnn_bn)."""
+    """This project's small CNN baseline (not a study's network): conv-pool x3, global average pooling and a
+    linear head, so it takes any size; ``bn`` adds a second conv and BatchNorm per block (cnn_bn)."""
 
     def __init__(self, num_classes: int, dropout: float, bn: bool):
         super().__init__()
@@ -52,15 +58,63 @@ class SmallCNN(nn.Module):
         return self.head(self.pool(self.features(x)))
 
 
+class Sequential2(nn.Module):
+    """``body`` then ``head``, as the study networks are written. A one-unit head is a sigmoid output, as
+    in the Keras studies; it is returned as the two logits (0, z), whose softmax is (1 - sigmoid(z),
+    sigmoid(z)), so the same cross-entropy loss trains it exactly as binary cross-entropy would."""
+
+    def __init__(self, body: nn.Module, head: nn.Module):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, x):
+        z = self.head(self.body(x))
+        return torch.cat([torch.zeros_like(z), z], dim=1) if z.shape[1] == 1 else z
+
+
+def study_network(name: str, size: int, num_classes: int, dropout: float) -> nn.Module:
+    """The studies' own networks, layer for layer as docs/studies.md lists them. Where a listing names no
+    activation after a hidden dense layer, ReLU is assumed (it has no parameters, so the counts the tests
+    check are the studies'). ``dropout`` (head_dropout, 0 by default) adds a Dropout before the last layer."""
+    smallest = {"study000_cnn": 10, "study000_cnn_advanced": 4, "study003_cnn": 32}.get(name, 1)  # its poolings
+    if size < smallest:
+        raise ValueError(f"{name} needs images of at least {smallest} px, got {size}")
+    relu = nn.ReLU(inplace=True)
+    if name == "study000_mlp":  # Flatten -> Linear(H*W, 128) -> Linear(128, 2)
+        return Sequential2(nn.Sequential(nn.Flatten(), nn.Linear(size * size, 128), relu),
+                           nn.Sequential(nn.Dropout(dropout), nn.Linear(128, num_classes)))
+    if name == "study000_cnn":  # Conv16 3x3, ReLU, MaxPool, Conv32 3x3, ReLU, MaxPool, FC 128, FC 2 (no padding)
+        side = ((size - 2) // 2 - 2) // 2
+        return Sequential2(nn.Sequential(nn.Conv2d(1, 16, 3), relu, nn.MaxPool2d(2), nn.Conv2d(16, 32, 3), relu,
+                                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * side * side, 128), relu),
+                           nn.Sequential(nn.Dropout(dropout), nn.Linear(128, num_classes)))
+    if name == "study000_cnn_advanced":  # Conv32 (pad 1), BN, ReLU, Pool, Conv64, BN, ReLU, Pool, FC 256 + Dropout 0.5
+        side = size // 4
+        return Sequential2(nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), relu, nn.MaxPool2d(2),
+                                         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), relu, nn.MaxPool2d(2),
+                                         nn.Flatten(), nn.Linear(64 * side * side, 256), relu, nn.Dropout(0.5)),
+                           nn.Sequential(nn.Dropout(dropout), nn.Linear(256, num_classes)))
+    if name == "study003_cnn":  # Keras: 5 x (Conv 'same' + ReLU, BN, MaxPool, Dropout 0.2), Dense 512, Dense 1
+        blocks, c_in = [], 1
+        for width in (32, 64, 64, 128, 256):
+            blocks += [nn.Conv2d(c_in, width, 3, padding=1), relu, nn.BatchNorm2d(width), nn.MaxPool2d(2),
+                       nn.Dropout(0.2)]
+            c_in = width
+        side = size // 32
+        return Sequential2(nn.Sequential(*blocks, nn.Flatten(), nn.Linear(256 * side * side, 512), relu),
+                           nn.Sequential(nn.Dropout(dropout), nn.Linear(512, 1)))
+    raise ValueError(f"not a study network: {name}")
+
+
 def check_model_name(name: str) -> str | None:
     """None when ``name`` is buildable, else a message saying what would be."""
     import timm
 
-    if name in BASELINES or timm.is_model(name):
+    if name in BASELINES or name in STUDY_NETWORKS or timm.is_model(name):
         return None
     close = timm.list_models(f"*{name[:4]}*")[:5] if len(name) >= 2 else []
     hint = f"; close timm names: {', '.join(close)}" if close else ""
-    return f"unknown model {name!r}: use {', '.join(BASELINES)} or a timm model name{hint}"
+    return f"unknown model {name!r}: use {', '.join(BASELINES + STUDY_NETWORKS)} or a timm model name{hint}"
 
 
 def build_model(name: str, image_size: int, num_classes: int = 2, head_dropout: float = 0.0,
@@ -69,6 +123,8 @@ def build_model(name: str, image_size: int, num_classes: int = 2, head_dropout: 
         return MLP(image_size, num_classes, head_dropout)
     if name in ("cnn", "cnn_bn"):
         return SmallCNN(num_classes, head_dropout, bn=name == "cnn_bn")
+    if name in STUDY_NETWORKS:
+        return study_network(name, image_size, num_classes, head_dropout)
     import timm
 
     kwargs = dict(pretrained=pretrained, num_classes=num_classes, in_chans=1, drop_rate=head_dropout)

@@ -68,3 +68,57 @@ def test_pretrained_loads_a_local_timm_weights_file(tmp_path):
     assert model.fc.out_features == 2  # the 1000-class head is replaced
     scratch = build_model("resnet18", 28)
     assert not torch.equal(scratch.layer3[1].conv2.weight, source.layer3[1].conv2.weight)
+
+
+def conv(c_in: int, c_out: int, k: int = 3) -> int:
+    return k * k * c_in * c_out + c_out
+
+
+def dense(n_in: int, n_out: int) -> int:
+    return n_in * n_out + n_out
+
+
+# Worked out from each study's layer listing (docs/studies.md), independently of the model code.
+STUDY_COUNTS = {
+    ("study000_mlp", 224): dense(224 * 224, 128) + dense(128, 2),
+    # no padding: 224 -conv-> 222 -pool-> 111 -conv-> 109 -pool-> 54
+    ("study000_cnn", 224): conv(1, 16) + conv(16, 32) + dense(32 * 54 * 54, 128) + dense(128, 2),
+    # padding 1: 224 -pool-> 112 -pool-> 56; BatchNorm: a weight and a bias per channel
+    ("study000_cnn_advanced", 224): conv(1, 32) + 2 * 32 + conv(32, 64) + 2 * 64 + dense(64 * 56 * 56, 256)
+    + dense(256, 2),
+}
+
+
+@pytest.mark.parametrize("name, size", sorted(STUDY_COUNTS))
+def test_study_networks_have_the_studies_parameter_counts(name, size):
+    model = build_model(name, size)
+    assert sum(p.numel() for p in model.parameters()) == STUDY_COUNTS[(name, size)]
+    assert model(torch.zeros(2, 1, size, size)).shape == (2, 2)
+
+
+def test_study003_cnn_counts_2525121_as_keras_does_and_its_sigmoid_is_a_softmax():
+    """Keras counts BatchNorm's moving mean and variance among the 2,525,121 'parameters'; torch keeps
+    them as buffers. Its single sigmoid unit comes out as the logits (0, z)."""
+    model = build_model("study003_cnn", 128).eval()
+    params = sum(p.numel() for p in model.parameters())
+    moving_stats = sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
+    assert params + moving_stats == 2_525_121
+    x = torch.randn(3, 1, 128, 128)
+    logits = model(x)
+    z = model.head(model.body(x))[:, 0]
+    assert torch.equal(logits[:, 0], torch.zeros(3))
+    assert torch.allclose(logits.softmax(1)[:, 1], torch.sigmoid(z))
+
+
+@pytest.mark.parametrize("name, too_small", [("study003_cnn", 28), ("study000_cnn", 8)])
+def test_study_networks_say_which_sizes_they_cannot_take(name, too_small):
+    with pytest.raises(ValueError, match=f"{name} needs images of at least"):
+        build_model(name, too_small)
+
+
+def test_study_networks_freeze_nothing_but_train_their_head_first():
+    from pneumo_ray.models import head_prefix, is_head_param, max_freeze_depth
+
+    model = build_model("study000_cnn_advanced", 28)
+    heads = [n for n, _ in model.named_parameters() if is_head_param(n, head_prefix(model))]
+    assert heads == ["head.1.weight", "head.1.bias"] and max_freeze_depth(model) == 1
