@@ -26,7 +26,7 @@ class MLP(nn.Module):
         super().__init__()
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(image_size * image_size, 256), nn.ReLU(inplace=True),
                                   nn.Dropout(dropout), nn.Linear(256, 128), nn.ReLU(inplace=True))
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(128, num_classes))
+        self.head = nn.Linear(128, num_classes)
 
     def forward(self, x):
         return self.head(self.body(x))
@@ -72,28 +72,28 @@ class Sequential2(nn.Module):
         return torch.cat([torch.zeros_like(z), z], dim=1) if z.shape[1] == 1 else z
 
 
-def study_network(name: str, size: int, num_classes: int, dropout: float) -> nn.Module:
+def study_network(name: str, size: int, num_classes: int) -> nn.Module:
     """The studies' own networks, layer for layer as docs/studies.md lists them. Where a listing names no
     activation after a hidden dense layer, ReLU is assumed (it has no parameters, so the counts the tests
-    check are the studies'). ``dropout`` (head_dropout, 0 by default) adds a Dropout before the last layer."""
+    check are the studies'). They keep the studies' own dropout: model.head_dropout does not apply."""
     smallest = {"study000_cnn": 10, "study000_cnn_advanced": 4, "study003_cnn": 32}.get(name, 1)  # its poolings
     if size < smallest:
         raise ValueError(f"{name} needs images of at least {smallest} px, got {size}")
     relu = nn.ReLU(inplace=True)
     if name == "study000_mlp":  # Flatten -> Linear(H*W, 128) -> Linear(128, 2)
         return Sequential2(nn.Sequential(nn.Flatten(), nn.Linear(size * size, 128), relu),
-                           nn.Sequential(nn.Dropout(dropout), nn.Linear(128, num_classes)))
+                           nn.Linear(128, num_classes))
     if name == "study000_cnn":  # Conv16 3x3, ReLU, MaxPool, Conv32 3x3, ReLU, MaxPool, FC 128, FC 2 (no padding)
         side = ((size - 2) // 2 - 2) // 2
         return Sequential2(nn.Sequential(nn.Conv2d(1, 16, 3), relu, nn.MaxPool2d(2), nn.Conv2d(16, 32, 3), relu,
                                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * side * side, 128), relu),
-                           nn.Sequential(nn.Dropout(dropout), nn.Linear(128, num_classes)))
+                           nn.Linear(128, num_classes))
     if name == "study000_cnn_advanced":  # Conv32 (pad 1), BN, ReLU, Pool, Conv64, BN, ReLU, Pool, FC 256 + Dropout 0.5
         side = size // 4
         return Sequential2(nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), relu, nn.MaxPool2d(2),
                                          nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), relu, nn.MaxPool2d(2),
                                          nn.Flatten(), nn.Linear(64 * side * side, 256), relu, nn.Dropout(0.5)),
-                           nn.Sequential(nn.Dropout(dropout), nn.Linear(256, num_classes)))
+                           nn.Linear(256, num_classes))
     if name == "study003_cnn":  # Keras: 5 x (Conv 'same' + ReLU, BN, MaxPool, Dropout 0.2), Dense 512, Dense 1
         blocks, c_in = [], 1
         for width in (32, 64, 64, 128, 256):
@@ -102,7 +102,7 @@ def study_network(name: str, size: int, num_classes: int, dropout: float) -> nn.
             c_in = width
         side = size // 32
         return Sequential2(nn.Sequential(*blocks, nn.Flatten(), nn.Linear(256 * side * side, 512), relu),
-                           nn.Sequential(nn.Dropout(dropout), nn.Linear(512, 1)))
+                           nn.Linear(512, 1))
     raise ValueError(f"not a study network: {name}")
 
 
@@ -124,7 +124,7 @@ def build_model(name: str, image_size: int, num_classes: int = 2, head_dropout: 
     if name in ("cnn", "cnn_bn"):
         return SmallCNN(num_classes, head_dropout, bn=name == "cnn_bn")
     if name in STUDY_NETWORKS:
-        return study_network(name, image_size, num_classes, head_dropout)
+        return study_network(name, image_size, num_classes)
     import timm
 
     kwargs = dict(pretrained=pretrained, num_classes=num_classes, in_chans=1, drop_rate=head_dropout)

@@ -121,4 +121,4 @@ def test_study_networks_freeze_nothing_but_train_their_head_first():
 
     model = build_model("study000_cnn_advanced", 28)
     heads = [n for n, _ in model.named_parameters() if is_head_param(n, head_prefix(model))]
-    assert heads == ["head.1.weight", "head.1.bias"] and max_freeze_depth(model) == 1
+    assert heads == ["head.weight", "head.bias"] and max_freeze_depth(model) == 1
