@@ -62,6 +62,9 @@ class ModelConfig:
     weights_file: str | None = None  # offline pretrained weights for timm models
     head_dropout: float = 0.2
     head_warmup_epochs: int = 0  # two-stage fine-tuning: train only the head first
+    finetune_lr_factor: float = 1.0  # the body trains at lr x this (after any head warm-up): a lower LR in stage two
+    freeze_bn: bool = False  # every BatchNorm layer stays in eval mode: pretrained statistics are kept
+    init: str = "default"  # scratch models: each layer's own init, or xavier_uniform (weights; biases zero)
 
 
 @dataclass

@@ -26,7 +26,7 @@ class MLP(nn.Module):
         super().__init__()
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(image_size * image_size, 256), nn.ReLU(inplace=True),
                                   nn.Dropout(dropout), nn.Linear(256, 128), nn.ReLU(inplace=True))
-        self.head = nn.Linear(128, num_classes)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(128, num_classes))
 
     def forward(self, x):
         return self.head(self.body(x))
@@ -179,17 +179,30 @@ def freeze(model: nn.Module, depth: int) -> list[str]:
     return frozen
 
 
-def set_train_mode(model: nn.Module, body_frozen: bool = False) -> None:
+def set_train_mode(model: nn.Module, body_frozen: bool = False, freeze_bn: bool = False) -> None:
     """``model.train()``, except BatchNorm layers that are not being trained keep their running stats:
-    those whose parameters are frozen, and (during head-only warm-up) every one outside the head."""
+    those whose parameters are frozen, (during head-only warm-up) every one outside the head, and with
+    ``freeze_bn`` all of them, as Keras fine-tuning keeps pretrained BatchNorm layers."""
     model.train()
     prefix = head_prefix(model)
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             params = list(module.parameters(recurse=False))
             frozen = bool(params) and not any(p.requires_grad for p in params)
-            if frozen or (body_frozen and not is_head_param(name, prefix)):
+            if freeze_bn or frozen or (body_frozen and not is_head_param(name, prefix)):
                 module.eval()
+
+
+def init_weights(model: nn.Module, scheme: str) -> None:
+    """Re-initialise a scratch model: ``xavier_uniform`` (Glorot) for every conv and linear weight, biases
+    zero, as study 001 initialised its ResNet-34 and as Keras layers start by default."""
+    if scheme != "xavier_uniform":
+        raise ValueError(f"unknown init {scheme!r}")  # config validation makes this unreachable
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

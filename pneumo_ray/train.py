@@ -31,7 +31,7 @@ from pneumo_ray.config import Config
 from pneumo_ray.data import Splits
 from pneumo_ray.evaluate import evaluate
 from pneumo_ray.layout import META_FILE, STATE_FILE, fold_dir_name
-from pneumo_ray.models import build_model, freeze, head_prefix, is_head_param, set_train_mode, unwrap
+from pneumo_ray.models import build_model, freeze, head_prefix, init_weights, is_head_param, set_train_mode, unwrap
 from pneumo_ray.search_space import with_trial_params
 
 log = logging.getLogger(__name__)
@@ -110,15 +110,17 @@ def make_optimizer(model: nn.Module, params: dict, cfg: Config) -> torch.optim.O
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: Config, is_head: bool) -> float:
-    """Linear warm-up then cosine decay to zero; the body stays at 0 during head-only warm-up."""
+    """Linear warm-up then cosine decay to zero; the body stays at 0 during head-only warm-up, and trains
+    at ``model.finetune_lr_factor`` of the head's LR."""
     epoch = step // steps_per_epoch
     if not is_head and epoch < cfg.model.head_warmup_epochs:
         return 0.0
+    body = 1.0 if is_head else cfg.model.finetune_lr_factor
     warmup, total = cfg.train.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch
     if step < warmup:
-        return (step + 1) / warmup
+        return body * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return body * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def class_weights(labels: np.ndarray) -> torch.Tensor:
@@ -222,6 +224,8 @@ def build_run(cfg: Config, params: dict, splits: Splits, session) -> Run:
     torch.manual_seed(seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     model = build_model(params["model"], splits.image_size, head_dropout=cfg.model.head_dropout,
                         pretrained=cfg.model.pretrained, weights_file=cfg.model.weights_file)
+    if cfg.model.init != "default" and not cfg.model.pretrained:
+        init_weights(model, cfg.model.init)
     freeze(model, params.get("freeze_depth", 0))
     model = session.prepare_model(model)
     optimizer = make_optimizer(unwrap(model), params, cfg)
@@ -308,7 +312,7 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
     first_epoch = run.epoch
     while run.epoch < cfg.train.epochs:
         epoch_started_at = time.time()
-        set_train_mode(unwrap(run.model), body_frozen=run.epoch < cfg.model.head_warmup_epochs)
+        set_train_mode(unwrap(run.model), run.epoch < cfg.model.head_warmup_epochs, cfg.model.freeze_bn)
         try:
             total_loss, seen = train_epoch(run, cfg, params, train_x, splits.train_y, mean, std, loss_weight, session)
             diverged = None

@@ -129,6 +129,10 @@ def _validate_model_and_train(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     _check(0 <= m.head_dropout < 1, "model.head_dropout", "must be in [0, 1)")
     _check(m.head_warmup_epochs >= 0, "model.head_warmup_epochs", "must be >= 0")
+    _check(0 < m.finetune_lr_factor <= 1, "model.finetune_lr_factor", "must be in (0, 1], e.g. 0.1")
+    _check_choices([m.init], ("default", "xavier_uniform"), "model.init")
+    _check(m.init == "default" or not m.pretrained, "model.init",
+           "re-initialising would discard the pretrained weights; use default with model.pretrained: true")
     if m.weights_file:
         _check(m.pretrained, "model.weights_file", "is only used with model.pretrained: true")
         _check(Path(m.weights_file).expanduser().is_file(), "model.weights_file",

@@ -35,6 +35,9 @@ def run_main(capsys, *args) -> tuple[int, str]:
 @pytest.mark.parametrize("override, expected", [
     ({"search__model": ["resnet18", "not_a_model"]}, "search.model: unknown model 'not_a_model'"),
     ({"search__optimizer": ["adamw", "lion"]}, "search.optimizer: unknown value 'lion'"),
+    ({"model__finetune_lr_factor": 0}, "model.finetune_lr_factor: must be in (0, 1]"),
+    ({"model__init": "he"}, "model.init: unknown value 'he'"),
+    ({"model__init": "xavier_uniform", "model__pretrained": True}, "model.init: re-initialising would discard"),
     ({"search__lr": [0.1, 0.001]}, "search.lr: low 0.1 is above high 0.001"),
     ({"search__lr": [-1, 0.1]}, "search.lr: values must be positive"),
     ({"search__batch_size": [64.5]}, "search.batch_size: batch sizes are whole numbers"),

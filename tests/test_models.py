@@ -122,3 +122,30 @@ def test_study_networks_freeze_nothing_but_train_their_head_first():
     model = build_model("study000_cnn_advanced", 28)
     heads = [n for n, _ in model.named_parameters() if is_head_param(n, head_prefix(model))]
     assert heads == ["head.weight", "head.bias"] and max_freeze_depth(model) == 1
+
+
+def test_xavier_uniform_init_and_frozen_batchnorm():
+    """model.init: xavier_uniform draws every conv and linear weight from U(-b, b), b = sqrt(6 / (fan_in +
+    fan_out)), biases zero; model.freeze_bn keeps every BatchNorm layer's statistics out of training."""
+    import math
+
+    from pneumo_ray.models import init_weights
+
+    torch.manual_seed(0)
+    model = build_model("study003_cnn", 128)
+    init_weights(model, "xavier_uniform")
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    for layer in layers:
+        w = layer.weight
+        fan_in, fan_out = w.shape[1] * w[0, 0].numel(), w.shape[0] * w[0, 0].numel()
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        assert w.abs().max() <= bound and torch.count_nonzero(layer.bias) == 0
+        if w.numel() > 10_000:  # a uniform's sd is bound / sqrt(3)
+            assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+    set_train_mode(model, freeze_bn=True)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 5 and not any(m.training for m in norms) and model.head.training
+    before = [m.running_mean.clone() for m in norms]
+    model(torch.randn(4, 1, 128, 128))
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))

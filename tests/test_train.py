@@ -136,6 +136,10 @@ def test_lr_schedule_warms_up_then_decays_and_holds_body_during_head_warmup():
     assert factors[20] > factors[60] > factors[99] >= 0
     assert [lr_factor(s, 10, cfg, is_head=False) for s in range(10)] == [0.0] * 10
     assert lr_factor(10, 10, cfg, is_head=False) == factors[10]
+    cfg.model.finetune_lr_factor = 0.1  # stage two: the body at a tenth of the head's LR, step for step
+    assert [lr_factor(s, 10, cfg, is_head=False) for s in range(100)] == pytest.approx(
+        [0.0] * 10 + [0.1 * f for f in factors[10:]])
+    assert [lr_factor(s, 10, cfg, is_head=True) for s in range(100)] == factors
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
