@@ -71,6 +71,10 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 10
     warmup_epochs: int = 1
+    schedule: str = "cosine"  # after warm-up: cosine (to min_lr), constant, or step (x gamma every step_epochs)
+    min_lr: float = 0.0
+    step_epochs: int = 10
+    gamma: float = 0.1
     grad_clip: float = 1.0  # 0 turns it off
     label_smoothing: float = 0.0  # cross-entropy's: the target puts this much weight evenly on both classes
     amp: bool = True  # used only where the device supports it (CUDA)

@@ -32,6 +32,7 @@ from pneumo_ray.data import Splits
 from pneumo_ray.evaluate import evaluate
 from pneumo_ray.layout import META_FILE, STATE_FILE, fold_dir_name
 from pneumo_ray.models import build_model, freeze, head_prefix, init_weights, is_head_param, set_train_mode, unwrap
+from pneumo_ray.schedule import lr_factor
 from pneumo_ray.search_space import with_trial_params
 
 log = logging.getLogger(__name__)
@@ -107,20 +108,6 @@ def make_optimizer(model: nn.Module, params: dict, cfg: Config) -> torch.optim.O
     if name == "rmsprop":
         return torch.optim.RMSprop(param_groups, lr=lr, momentum=0.9)
     raise ValueError(f"unknown optimizer {name!r}")  # config validation makes this unreachable
-
-
-def lr_factor(step: int, steps_per_epoch: int, cfg: Config, is_head: bool) -> float:
-    """Linear warm-up then cosine decay to zero; the body stays at 0 during head-only warm-up, and trains
-    at ``model.finetune_lr_factor`` of the head's LR."""
-    epoch = step // steps_per_epoch
-    if not is_head and epoch < cfg.model.head_warmup_epochs:
-        return 0.0
-    body = 1.0 if is_head else cfg.model.finetune_lr_factor
-    warmup, total = cfg.train.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch
-    if step < warmup:
-        return body * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return body * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def class_weights(labels: np.ndarray) -> torch.Tensor:
@@ -232,7 +219,8 @@ def build_run(cfg: Config, params: dict, splits: Splits, session) -> Run:
     local_batch = max(2, params["batch_size"] // session.world_size)  # batch_size is global across ranks
     steps_per_epoch = max(1, math.ceil(len(splits.train_y) / session.world_size) // local_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
-        (lambda step, head=g["is_head"]: lr_factor(step, steps_per_epoch, cfg, head)) for g in optimizer.param_groups])
+        (lambda step, head=g["is_head"]: lr_factor(step, steps_per_epoch, cfg, head, params["lr"]))
+        for g in optimizer.param_groups])
     scaler = torch.amp.GradScaler(session.device.type, enabled=cfg.train.amp and session.device.type == "cuda")
     aug_gen = torch.Generator().manual_seed(seed * 7919 + session.rank)
     return Run(model, optimizer, scheduler, scaler, aug_gen, steps_per_epoch, local_batch)

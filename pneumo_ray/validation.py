@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from pneumo_ray.config import Config
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("cosine", "constant", "step")  # schedule.py
 SAMPLERS = ("tpe", "random")
 LAUNCHERS = ("train", "inline")
 CLASS_WEIGHTING = ("none", "loss", "sampler")
@@ -145,6 +146,10 @@ def _validate_model_and_train(cfg: Config) -> None:
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    _check_choices([t.schedule], SCHEDULES, "train.schedule")
+    _check(t.min_lr >= 0, "train.min_lr", "must be >= 0 (the LR cosine ends at)")
+    _check(_whole(t.step_epochs) and t.step_epochs >= 1, "train.step_epochs", "must be a whole number >= 1")
+    _check(0 < t.gamma <= 1, "train.gamma", "must be in (0, 1]: the step schedule's factor")
 
 
 def _validate_search(cfg: Config) -> None:

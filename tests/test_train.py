@@ -16,7 +16,8 @@ from pneumo_ray import config
 from pneumo_ray.data import load_splits
 from pneumo_ray.layout import MODEL_FILE, STATE_FILE
 from pneumo_ray.models import build_model
-from pneumo_ray.train import LocalSession, epoch_indices, fit, lr_factor, make_optimizer
+from pneumo_ray.schedule import lr_factor
+from pneumo_ray.train import LocalSession, epoch_indices, fit, make_optimizer
 from tests.conftest import wait_for_free_cpus
 
 PARAMS = {"model": "cnn_bn", "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 64,
@@ -131,15 +132,50 @@ def test_epoch_shards_are_disjoint_and_equal():
 def test_lr_schedule_warms_up_then_decays_and_holds_body_during_head_warmup():
     cfg = small_cfg(epochs=10)
     cfg.train.warmup_epochs, cfg.model.head_warmup_epochs = 2, 1
-    factors = [lr_factor(step, 10, cfg, is_head=True) for step in range(100)]
+    factors = [lr_factor(step, 10, cfg, True, 1e-3) for step in range(100)]
     assert factors[0] == pytest.approx(0.05) and factors[19] == pytest.approx(1.0)
     assert factors[20] > factors[60] > factors[99] >= 0
-    assert [lr_factor(s, 10, cfg, is_head=False) for s in range(10)] == [0.0] * 10
-    assert lr_factor(10, 10, cfg, is_head=False) == factors[10]
+    assert [lr_factor(s, 10, cfg, False, 1e-3) for s in range(10)] == [0.0] * 10
+    assert lr_factor(10, 10, cfg, False, 1e-3) == factors[10]
     cfg.model.finetune_lr_factor = 0.1  # stage two: the body at a tenth of the head's LR, step for step
-    assert [lr_factor(s, 10, cfg, is_head=False) for s in range(100)] == pytest.approx(
+    assert [lr_factor(s, 10, cfg, False, 1e-3) for s in range(100)] == pytest.approx(
         [0.0] * 10 + [0.1 * f for f in factors[10:]])
-    assert [lr_factor(s, 10, cfg, is_head=True) for s in range(100)] == factors
+    assert [lr_factor(s, 10, cfg, True, 1e-3) for s in range(100)] == factors
+
+
+def torch_lrs(scheduler_class, epochs: int, **kwargs) -> list[float]:
+    """The LR of each epoch under torch's own scheduler, stepped once an epoch."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    scheduler, lrs = scheduler_class(optimizer, **kwargs), []
+    for _ in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("schedule, reference", [
+    ({"schedule": "constant"}, lambda: [1e-2] * 12),
+    ({"schedule": "step", "step_epochs": 5, "gamma": 0.5}, lambda: torch_lrs(torch.optim.lr_scheduler.StepLR, 12,
+                                                                               step_size=5, gamma=0.5)),
+    ({"schedule": "cosine", "min_lr": 1e-4}, lambda: torch_lrs(torch.optim.lr_scheduler.CosineAnnealingLR, 12,
+                                                                T_max=12, eta_min=1e-4)),
+])
+def test_each_schedule_gives_the_lr_sequence_torch_defines(schedule, reference):
+    """One step per epoch, no warm-up: the LR of each epoch equals torch's scheduler (study 001's
+    CosineAnnealingLR with eta_min, StepLR, a constant LR)."""
+    cfg = small_cfg(epochs=12)
+    cfg.train.warmup_epochs = 0
+    for key, value in schedule.items():
+        setattr(cfg.train, key, value)
+    ours = [1e-2 * lr_factor(epoch, 1, cfg, True, 1e-2) for epoch in range(12)]
+    assert ours == pytest.approx(reference(), rel=1e-9, abs=1e-12)
+
+
+def test_warm_up_comes_before_every_schedule():
+    cfg = small_cfg(epochs=6)
+    cfg.train.warmup_epochs, cfg.train.schedule, cfg.train.step_epochs, cfg.train.gamma = 2, "step", 2, 0.5
+    assert [lr_factor(e, 1, cfg, True, 1e-3) for e in range(6)] == [0.5, 1.0, 1.0, 1.0, 0.5, 0.5]
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
