@@ -67,22 +67,33 @@ def check_no_other_ray() -> None:
     is it safe to join a Ray that another sweep started, since it stops when that sweep ends. So say
     how to share one instead. A caller that already runs Ray in this process (a notebook) uses that one."""
     import sys
-
-    import psutil
+    import time
 
     from pneumo_ray.errors import ConfigError
 
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
-    gcs = []
-    for proc in psutil.process_iter(["name", "cmdline", "status"]):
-        if proc.info["name"] == "gcs_server" and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            ports = [a.split("=", 1)[1] for a in proc.info["cmdline"] or [] if a.startswith("--gcs_server_port=")]
-            gcs.append(f"pid {proc.pid}" + (f", port {ports[0]}" if ports else ""))
+    deadline = time.monotonic() + 5  # a Ray that a just-finished sweep is shutting down goes within moments
+    while gcs := _running_gcs():
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     if gcs:
         raise ConfigError(f"--address: a Ray instance already runs on this machine ({'; '.join(gcs)}), perhaps "
                           "another sweep's; to run sweeps side by side, start one shared Ray with `ray start "
                           "--head` and pass --address auto to each, or wait for the other sweep to end")
+
+
+def _running_gcs() -> list[str]:
+    """Every live Ray head on this machine, found as Ray's own ``address="auto"`` finds them."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline", "status"]):
+        if proc.info["name"] == "gcs_server" and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            ports = [a.split("=", 1)[1] for a in proc.info["cmdline"] or [] if a.startswith("--gcs_server_port=")]
+            found.append(f"pid {proc.pid}" + (f", port {ports[0]}" if ports else ""))
+    return found
 
 
 def resolve_gpus(cfg: Config, cluster_resources: dict) -> Config:

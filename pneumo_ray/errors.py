@@ -26,3 +26,7 @@ class BadArgument(BadInput):
 
 class NothingToRank(UserError):
     """The search ran, but left no checkpoint to rank."""
+
+
+class StorageFull(UserError):
+    """The experiment's storage ran short of space during the sweep, which stopped and saved its state."""

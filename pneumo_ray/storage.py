@@ -70,6 +70,16 @@ def has_files(uri: str) -> bool:
     return bool(fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
 
 
+def free_bytes(uri: str) -> int | None:
+    """Free space where a local experiment folder is (or will be); None for a bucket."""
+    if is_remote(uri):
+        return None
+    path = Path(uri.removeprefix("file://"))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def read_text(uri: str) -> str:
     fs, path = _fs(uri)
     with fs.open_input_stream(path) as f:

@@ -19,7 +19,8 @@ from pneumo_ray import cluster, credentials, storage
 from pneumo_ray import config as config_mod
 from pneumo_ray.config import Config, ConfigError, selection_mode
 from pneumo_ray.data import Splits, load_splits
-from pneumo_ray.layout import CONFIG_FILE, LEADERBOARD_OUTPUTS, SEARCHER_STATE_GLOB, default_study_url
+from pneumo_ray.errors import StorageFull
+from pneumo_ray.layout import CONFIG_FILE, LEADERBOARD_OUTPUTS, SEARCHER_STATE_GLOB, TUNE_STATE_GLOB, default_study_url
 from pneumo_ray.repeats import run_repeats
 from pneumo_ray.validation import trial_epochs
 
@@ -31,11 +32,13 @@ class Prepared:
     cfg: Config
     splits: Splits
     resume: bool
+    storage_reserve: int = 0  # bytes the running trials may still write; 0: not watched
 
 
 def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
-    """All pre-flight checks, before Ray starts: experiment folder, data, models, and for a sweep on this
-    machine (``local``), that one trial fits its cores. Raises ConfigError."""
+    """All pre-flight checks, before Ray starts: experiment folder (and on --resume its saved state), the
+    study's database, data, models, free space, and for a sweep on this machine (``local``), that one
+    trial fits its cores and no other Ray runs here. Raises ConfigError."""
     exp_uri = cfg.experiment_uri
     try:
         storage.check_reachable(exp_uri)
@@ -49,7 +52,12 @@ def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
             raise ConfigError(f"{exp_uri}: no experiment to resume here ({CONFIG_FILE} missing); "
                               "check --storage/--name, or drop --resume to start it")
         # Resume what was started, not today's YAML; but where it was found now, should the folder have moved.
-        saved_cfg = config_mod.loads(storage.read_text(saved), saved)
+        try:
+            saved_cfg = config_mod.loads(storage.read_text(saved), saved)
+        except ConfigError as err:
+            raise ConfigError(f"{err} -- the experiment's saved config is damaged: restore {CONFIG_FILE} from a "
+                              "copy, or start the sweep again under --name NEW") from None
+        check_tune_state(exp_uri)
         cfg = dataclasses.replace(saved_cfg, experiment=dataclasses.replace(
             saved_cfg.experiment, storage=cfg.experiment.storage))
     elif storage.has_files(exp_uri):
@@ -57,13 +65,48 @@ def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
                           "pass --resume to continue it or --name NEW to start another (nothing was overwritten)")
     if cfg.search.optuna_storage:
         check_study_storage(cfg.search.optuna_storage)
-    if local:
-        cluster.check_no_other_ray()
     splits = load_splits(cfg.data, cfg.experiment.seed)
     if local:
         cluster.check_fits_here(cfg)
-    check_models(cfg, splits.image_size)
-    return Prepared(cfg, splits, resume)
+    reserve = storage_reserve(cfg, check_models(cfg, splits.image_size))
+    free = storage.free_bytes(exp_uri)
+    if free is not None and free < reserve:
+        raise ConfigError(f"{low_space(exp_uri, free, reserve)}; free some space or choose another --storage")
+    if local:  # last: whatever is wrong with the input is said first
+        cluster.check_no_other_ray()
+    return Prepared(cfg, splits, resume, reserve)
+
+
+def storage_reserve(cfg: Config, model_bytes: int) -> int:
+    """What the running trials may still write: each fold-model's checkpoints (weights plus optimizer
+    state, up to three times the weights; Ray keeps the best and the latest while it writes the next),
+    for every trial at once, plus room for Tune's logs and state."""
+    return 9 * model_bytes * max(1, cfg.data.cv_folds) * cfg.search.max_concurrent_trials + 32 * 2**20
+
+
+def low_space(where: str, free: int, reserve: int) -> str:
+    return (f"experiment.storage: {where} has {free / 2**20:.0f} MB free, less than the {reserve / 2**20:.0f} MB "
+            "the running trials may need")
+
+
+def check_tune_state(exp_uri: str) -> None:
+    """--resume restores Tune's saved state: the Tuner (tuner.pkl) and the newest experiment state. A
+    copy that lost them, or a state file cut short, would fail deep in Tune after Ray started."""
+    import json
+
+    exp_dir = storage.mirror(exp_uri)
+    states = sorted(exp_dir.glob(TUNE_STATE_GLOB))
+    problem = None if (exp_dir / "tuner.pkl").is_file() else "tuner.pkl is missing"
+    if problem is None and not states:
+        problem = "no experiment_state-*.json"
+    if problem is None:
+        try:
+            json.loads(states[-1].read_text())["trial_data"]
+        except (ValueError, KeyError, OSError) as err:
+            problem = f"{states[-1].name} is unreadable ({type(err).__name__})"
+    if problem:
+        raise ConfigError(f"{exp_uri}: cannot resume, Tune's saved state is damaged ({problem}); start the "
+                          "sweep again under --name NEW (this folder and its finished trials are left as they are)")
 
 
 def claim_experiment(cfg: Config) -> None:
@@ -117,13 +160,15 @@ def check_study_storage(reference: str) -> None:
                           f"{message}); check the URL and that the database runs") from None
 
 
-def check_models(cfg: Config, image_size: int) -> None:
+def check_models(cfg: Config, image_size: int) -> int:
     """Build every searched model once and run a tiny batch through it, so a model that cannot take
-    this image size or freeze depth fails now rather than as a failed trial an hour in."""
+    this image size or freeze depth fails now rather than as a failed trial an hour in. Returns the
+    largest model's weights in bytes (what its checkpoints are sized by)."""
     import torch
 
     from pneumo_ray.models import build_model, max_freeze_depth
 
+    largest = 0
     for name in cfg.search.model:
         try:
             model = build_model(name, image_size, pretrained=cfg.model.pretrained, weights_file=cfg.model.weights_file)
@@ -137,6 +182,8 @@ def check_models(cfg: Config, image_size: int) -> None:
         if cfg.model.pretrained and max(cfg.search.freeze_depth) > deepest:
             raise ConfigError(f"search.freeze_depth: {max(cfg.search.freeze_depth)} exceeds the {deepest} "
                               f"stem/stage groups of {name}; use values 0..{deepest}")
+        largest = max(largest, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
+    return largest
 
 
 def make_sampler(cfg: Config):
@@ -207,12 +254,18 @@ def run(prepared: Prepared, address: str | None = None, leaderboard: bool = True
     concurrency = cluster.init_ray(cfg, address)
     try:
         cfg = cluster.resolve_gpus(cfg, ray.cluster_resources())
-        results = make_tuner(cfg, splits, prepared.resume, concurrency).fit()
+        results = make_tuner(cfg, splits, prepared.resume, concurrency, prepared.storage_reserve).fit()
         for result in results:
             if result.error:
                 log.info("trial %s failed: %s", result.path.rsplit("/", 1)[-1][:40],
                          str(result.error).strip().splitlines()[-1][:300])
         finished = search_finished(cfg, sweep_started)
+        free = storage.free_bytes(exp_uri)
+        if not finished and free is not None and free < prepared.storage_reserve:
+            exp = cfg.experiment
+            raise StorageFull(f"{low_space(exp_uri, free, prepared.storage_reserve)}: the sweep stopped and saved "
+                              f"its state; free some space, then continue it with `python sweeps/run.py --resume "
+                              f"--storage {exp.storage} --name {exp.name}`")
         if finished and cfg.leaderboard.repeats:
             log.info("search done; training the top %d configurations %d more time(s) each, with new seeds",
                      cfg.leaderboard.top_k, cfg.leaderboard.repeats)
@@ -233,14 +286,16 @@ def search_finished(cfg: Config, started_at: float) -> bool:
     return len(ended) >= cfg.search.num_samples or out_of_time
 
 
-def make_tuner(cfg: Config, splits: Splits, resume: bool, concurrency: int):
-    """The Tuner of a new sweep (OptunaSearch + ASHA), or the one Tune saved, for --resume."""
+def make_tuner(cfg: Config, splits: Splits, resume: bool, concurrency: int, storage_reserve: int = 0):
+    """The Tuner of a new sweep (OptunaSearch + ASHA), or the one Tune saved, for --resume (which keeps
+    the storage watch it was saved with)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from pneumo_ray.search_space import DefineByRun, stratified_start
+    from pneumo_ray.storage_watch import StorageWatch
     from pneumo_ray.trial import inline_run_config, reuse_trial_processes, tune_trial
 
     s, exp_uri = cfg.search, cfg.experiment_uri
@@ -266,7 +321,8 @@ def make_tuner(cfg: Config, splits: Splits, resume: bool, concurrency: int):
                                     num_samples=s.num_samples, max_concurrent_trials=concurrency,
                                     time_budget_s=s.time_budget_s, reuse_actors=reuse_trial_processes(cfg)),
         run_config=tune.RunConfig(name=cfg.experiment.name, storage_path=exp_uri.rsplit("/", 1)[0],
-                                  **inline_run_config(cfg)),
+                                  callbacks=[StorageWatch(exp_uri, storage_reserve)] if storage_reserve and not
+                                  storage.is_remote(exp_uri) else None, **inline_run_config(cfg)),
     )
 
 

@@ -171,3 +171,23 @@ def test_selection_rho_difference_and_its_interval():
     result = rho_difference(flipped)
     assert result["difference"] == pytest.approx(2.0) and result["lo"] == pytest.approx(2.0)
     assert rho_difference(same[:3])["difference"] is None  # too few configurations to say anything
+
+
+def test_soak_smoke_leaves_nothing_behind(tmp_path):
+    """benchmarks/soak.py in small: a handful of trials per launcher on its own 2-node loopback cluster.
+    Its pass criteria are real checks (every trial complete in Tune and Optuna; no actor, placement group,
+    /dev/shm file or temp entry of the sweep left); the RSS criterion needs the full run's 200 trials."""
+    env = {**os.environ, "PNEUMO_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--trials", "4", "--concurrency",
+                           "2", "--name", "soak_smoke"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "soak_smoke.json").read_text())
+    assert [r["launcher"] for r in result["runs"]] == ["train", "inline"]
+    for run in result["runs"]:
+        assert run["passed"] == {"every_trial_completed": True, "rss_growth_below_10pct": True,
+                                 "nothing_left": True}, run
+        assert run["study_complete"] == run["tune_trials"] == 4 and run["left_processes"] == 0
+        assert run["left_on_cluster"]["jobs_found"] == 1  # the check found the sweep's job, so it looked
+        assert run["rss_curve"] and all(_positive(s["rss_mb"]) for s in run["rss_curve"])
+        assert _positive(run["trials_per_min"]) and run["overhead_s"]["last_20"] is not None
+    assert (tmp_path / "soak_smoke_rss.png").stat().st_size > 1000

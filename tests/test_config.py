@@ -70,6 +70,8 @@ def test_resume_finds_the_experiment_where_the_relative_storage_points_now(tmp_p
     exp = Path(started.experiment_uri)
     exp.mkdir(parents=True)
     (exp / "pneumo_config.yaml").write_text(yaml.safe_dump(started.to_dict()))
+    (exp / "tuner.pkl").write_bytes(b"Tune's saved Tuner")  # what --resume checks is there before Ray starts
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
     moved = tmp_path / "elsewhere" / "results"
     moved.parent.mkdir()
     exp.parent.rename(moved)

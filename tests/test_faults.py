@@ -180,3 +180,51 @@ def test_diverging_trial_fails_with_its_reason_and_spares_the_rest(tmp_path, ray
     rows = ranked_rows(exp)
     assert len(rows) == 2 and errored[0] not in {r["trial_id"] for r in rows}
     assert "failed" in result.stdout and "diverged" in result.stdout
+
+
+def test_a_full_disk_stops_the_sweep_resumably(tmp_path, ray_address):
+    """The experiment's storage is a small tmpfs, mostly filled by a ballast file. A sweep that would not
+    fit is refused before Ray; one that fills it stops with one line, as Ctrl+C stops it; with the space
+    freed, --resume finishes it and the trials finished before are untouched."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs as the experiment's storage needs root")
+    from pneumo_ray import config
+    from pneumo_ray.sweep import check_models, storage_reserve
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(disk)], check=True)
+    try:
+        cfg_path = config_file(tmp_path, num_samples=5, max_concurrent_trials=1, model=["cnn_bn"])
+        cfg = config.load(cfg_path)
+        reserve = storage_reserve(cfg, check_models(cfg, cfg.data.size))
+        ballast = disk / "ballast"
+        args = ["--config", str(cfg_path), "--storage", str(disk), "--name", "full", "--address", ray_address]
+
+        ballast.write_bytes(b"\0" * (os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize - reserve + 2**20))
+        refused = run_cli(*args)
+        assert refused.returncode == 2 and "MB free, less than the" in refused.stderr, refused.stderr[-2000:]
+        assert not (disk / "full").exists()
+
+        # Room for the reserve and about one trial's checkpoints: the sweep starts, then runs short.
+        ballast.write_bytes(b"\0" * (ballast.stat().st_size - 2**20 - 10 * 2**20))
+        stopped = run_cli(*args)
+        err = stopped.stderr.strip().splitlines()
+        assert stopped.returncode == 1, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+        assert err[-1].startswith(f"pneumo-ray: error: experiment.storage: {disk / 'full'} has") and \
+            "--resume" in err[-1], err[-3:]
+        exp = disk / "full"
+        finished = {t for t, s in trial_statuses(exp).items() if s == "TERMINATED"}
+        assert 0 < len(finished) < 5, trial_statuses(exp)
+        kept = {p: p.read_bytes() for t in finished for p in exp.glob(f"tune_trial_{t}_*/result.json")}
+
+        ballast.unlink()
+        resumed = run_cli(*args, "--resume")
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert set(trial_statuses(exp).values()) == {"TERMINATED"} and len(trial_statuses(exp)) == 5
+        assert {p: p.read_bytes() for p in kept} == kept, "a finished trial was run again"
+        assert len(ranked_rows(exp)) == 3
+        print(f"\n[fault 4a] storage ran short after {len(finished)} of 5 trials (reserve "
+              f"{reserve / 2**20:.0f} MB); --resume finished the other {5 - len(finished)}")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
