@@ -323,3 +323,48 @@ def test_broken_experiment_folders_are_one_line_errors(smoke_experiment, tmp_pat
             assert code == 2 and len(err.splitlines()) == 1 and str(exp) in err, (name, code, err)
         else:
             assert code in (0, 2) and len(err.splitlines()) <= 1, (name, code, err)
+
+
+WRONG_VALUES = ["text", 3, 2.5, True, None, [1, "x"], {"a": 1}, [], -1, 0, [[1]], [None], float("nan")]
+
+
+def config_fields(cls, prefix: str = "") -> list[str]:
+    import dataclasses
+    import typing
+
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += config_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def test_every_config_field_given_every_wrong_type_is_a_config_error_or_accepted():
+    """Each field of the config tree set to each of 13 values of the wrong type (or the wrong sign):
+    it either validates (the value means something there) or is a one-line ConfigError. Never another
+    exception."""
+    import yaml
+
+    from pneumo_ray import config
+
+    base = yaml.safe_load((ROOT / "sweeps" / "configs" / "smoke.yaml").read_text())
+    fields = config_fields(config.Config)
+    outcomes = {"accepted": 0, "ConfigError": 0}
+    for field in fields:
+        *sections, key = field.split(".")
+        for value in WRONG_VALUES:
+            raw = yaml.safe_load(yaml.safe_dump(base))
+            node = raw
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[key] = value
+            try:
+                config.loads(yaml.safe_dump(raw), "fuzz.yaml")
+                outcomes["accepted"] += 1
+            except ConfigError as err:
+                assert "\n" not in str(err), (field, value)
+                outcomes["ConfigError"] += 1
+    assert len(fields) > 60 and sum(outcomes.values()) == len(fields) * len(WRONG_VALUES)
+    print(f"\n[fuzz] {len(fields)} config fields x {len(WRONG_VALUES)} values: {outcomes}")
