@@ -176,7 +176,7 @@ def soak(workdir: Path, launcher: str, trials: int, concurrency: int) -> dict:
             except psutil.Error:
                 break
             done = complete_rows(exp / "optuna.db")
-            if done >= 0:
+            if done >= 0 and rss > 0:  # 0: the process is not yet running Python
                 samples.append({"t": round(time.time() - started, 1), "complete": done, "rss_mb": round(rss, 1)})
                 if done >= trials and search_done_at is None:
                     search_done_at = time.time()
