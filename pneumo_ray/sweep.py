@@ -98,7 +98,7 @@ def check_tune_state(exp_uri: str) -> None:
     states = sorted(exp_dir.glob(TUNE_STATE_GLOB))
     problem = None if (exp_dir / "tuner.pkl").is_file() else "tuner.pkl is missing"
     if problem is None and not states:
-        problem = "no experiment_state-*.json"
+        problem = f"no {TUNE_STATE_GLOB}"
     if problem is None:
         try:
             json.loads(states[-1].read_text())["trial_data"]
