@@ -108,9 +108,11 @@ def study_network(name: str, size: int, num_classes: int) -> nn.Module:
 
 def check_model_name(name: str) -> str | None:
     """None when ``name`` is buildable, else a message saying what would be."""
+    if name in BASELINES or name in STUDY_NETWORKS:
+        return None  # before importing timm, which costs seconds on every command that checks a config
     import timm
 
-    if name in BASELINES or name in STUDY_NETWORKS or timm.is_model(name):
+    if timm.is_model(name):
         return None
     close = timm.list_models(f"*{name[:4]}*")[:5] if len(name) >= 2 else []
     hint = f"; close timm names: {', '.join(close)}" if close else ""

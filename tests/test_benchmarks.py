@@ -17,6 +17,7 @@ from scipy.stats import spearmanr
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]  # each benchmark starts its own local Ray
+benchmark = pytest.mark.benchmark  # the end-to-end runs: `pytest -m benchmark`
 
 
 def _positive(value) -> bool:
@@ -28,6 +29,7 @@ def _check_targets(result: dict, names: set[str]) -> None:
     assert all(isinstance(v, bool) for v in result["targets"].values())
 
 
+@benchmark
 def test_run_all_smoke_writes_every_result(tmp_path):
     results, scratch = tmp_path / "results", tmp_path / "scratch"
     scratch.mkdir()
@@ -173,6 +175,7 @@ def test_selection_rho_difference_and_its_interval():
     assert rho_difference(same[:3])["difference"] is None  # too few configurations to say anything
 
 
+@benchmark
 def test_soak_smoke_leaves_nothing_behind(tmp_path):
     """benchmarks/soak.py in small: a handful of trials per launcher on its own 2-node loopback cluster.
     Its pass criteria are real checks (every trial complete in Tune and Optuna; no actor, placement group,

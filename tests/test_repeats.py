@@ -22,21 +22,24 @@ def test_repeats_retrain_the_top_configurations_and_rank_on_their_mean(tmp_path,
     raw["search"].update(num_samples=2, model=["cnn_bn"], asha={"enabled": False})
     raw["train"]["epochs"] = 1
     raw["leaderboard"].update(top_k=2, repeats=2)
+    # Inline trials: the repeats are launched as any trial is, and inline trials start in a fraction of a
+    # TorchTrainer's time; the TorchTrainer path has its own tests (test_sweep, test_faults).
+    raw["resources"] = {"launcher": "inline", "gpus_per_worker": 0}
     cfg_file = tmp_path / "repeats.yaml"
     cfg_file.write_text(yaml.safe_dump(raw))
     result = run_cli("--config", str(cfg_file), "--storage", str(tmp_path), "--name", "rep", "--address", ray_address)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     exp = tmp_path / "rep"
 
-    # The search is untouched: two trials, two Train runs, two Optuna rows. The repeats are a Tune run of
-    # their own in repeats/: 2 configurations x 2 new seeds, every one finished.
+    # The search is untouched: two trials, two Optuna rows. The repeats are a Tune run of their own in
+    # repeats/: 2 configurations x 2 new seeds, every one finished.
     search_ids = {t["trial_id"] for t in saved_trials(exp)}
-    assert len(search_ids) == 2 and {p.name for p in (exp / "train_runs").iterdir()} == search_ids
+    assert len(search_ids) == 2 and {p.name.split("_")[2] for p in exp.glob("tune_trial_*")} == search_ids
     with sqlite3.connect(exp / "optuna.db") as db:
         assert db.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 2
     repeats = saved_trials(exp / "repeats")
     assert len(repeats) == 4 and {t["status"] for t in repeats} == {"TERMINATED"}
-    metas = [json.loads(p.read_text()) for p in (exp / "repeats" / "train_runs").glob("*/checkpoint_*/meta.json")]
+    metas = [json.loads(p.read_text()) for p in (exp / "repeats").glob("repeat_trial_*/checkpoint_*/meta.json")]
     runs = {(m["params"]["repeat_of"], m["params"]["seed"]) for m in metas}
     assert runs == {(t, s) for t in search_ids for s in (1, 2)}, "each kept configuration, with seeds 1 and 2"
 
