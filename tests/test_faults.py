@@ -106,19 +106,11 @@ def kill_mid_trial(tmp_path: Path, cfg: Path, name: str, address: str, is_target
     return killed_after, epochs, time.time() - killed_at
 
 
-def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, ray_session, ray_address):
-    """SIGKILL a Ray Train worker after its first checkpoint: the trial restarts its worker group and
-    continues at the next epoch (not at 1), and the sweep completes."""
-    cfg = config_file(tmp_path, model=["cnn_bn"], num_samples=1, optimizer=["adamw", "sgd"], max_concurrent_trials=1)
-    killed_after, epochs, seconds = kill_mid_trial(tmp_path, cfg, "killworker", ray_address,
-                                                   lambda actor: actor.class_name == "RayTrainWorker")
-    print(f"\n[fault 1] worker killed after epoch {killed_after}; reported epochs {epochs}; "
-          f"sweep finished {seconds:.0f} s after the kill")
-
-
 def test_killed_worker_of_a_cross_validated_trial_resumes_every_fold(tmp_path, ray_session, ray_address):
-    """The same with data.cv_folds: 2. Killing one fold's worker restarts the trial's workers, and every fold
-    goes on from the shared checkpoint at the next epoch, so the folds stay in step."""
+    """SIGKILL a Ray Train worker of a data.cv_folds: 2 trial after its first checkpoint: the trial restarts
+    its workers, and every fold goes on from the shared checkpoint at the next epoch (not at 1), so the folds
+    stay in step, and the sweep completes. (A plain trial's worker group restarts the same way; test_multinode
+    loses a whole node under one.)"""
     raw = yaml.safe_load(config_file(tmp_path, model=["cnn_bn"], num_samples=1, max_concurrent_trials=1).read_text())
     raw["data"]["cv_folds"] = 2
     cfg = tmp_path / "cv.yaml"
@@ -129,7 +121,7 @@ def test_killed_worker_of_a_cross_validated_trial_resumes_every_fold(tmp_path, r
     kept = Path(row["checkpoint"])
     fold_epochs = [json.loads((kept / f"fold_{k}" / "meta.json").read_text())["metrics"]["epoch"] for k in (0, 1)]
     assert fold_epochs == [row["epoch"]] * 2, f"the kept folds come from one epoch: {fold_epochs}, row {row['epoch']}"
-    print(f"\n[fault 1b] a fold's worker killed after epoch {killed_after}; reported epochs {epochs}; "
+    print(f"\n[fault 1] a fold's worker killed after epoch {killed_after}; reported epochs {epochs}; "
           f"sweep finished {seconds:.0f} s after the kill")
 
 
@@ -163,7 +155,7 @@ def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path, ray_
 
 
 def test_diverging_trial_fails_with_its_reason_and_spares_the_rest(tmp_path, ray_address):
-    cfg = config_file(tmp_path, num_samples=3, initial_points=[
+    cfg = config_file(tmp_path, num_samples=2, initial_points=[
         {"model": "mlp", "optimizer": "sgd", "lr": 1.0e6, "class_weighting": "none"}])  # blows up within steps
     # Relative storage (the smoke config's ./results), as a user's config has it: the DIVERGED marker a
     # Train worker writes must land in this working directory's experiment, not in Tune's for the trial.
@@ -172,13 +164,13 @@ def test_diverging_trial_fails_with_its_reason_and_spares_the_rest(tmp_path, ray
     exp = tmp_path / "results" / "diverge"
     statuses = trial_statuses(exp)
     errored = [t for t, s in statuses.items() if s == "ERROR"]
-    assert len(errored) == 1 and list(statuses.values()).count("TERMINATED") == 2
+    assert len(errored) == 1 and list(statuses.values()).count("TERMINATED") == 1
     error_file = next(exp.glob(f"tune_trial_{errored[0]}_*")) / "error.txt"
     assert "diverged" in error_file.read_text() and "lr=1e+06" in error_file.read_text()
     states = [s for _, s in study_rows(exp)]
-    assert sorted(states) == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert sorted(states) == ["COMPLETE", "FAIL"]
     rows = ranked_rows(exp)
-    assert len(rows) == 2 and errored[0] not in {r["trial_id"] for r in rows}
+    assert len(rows) == 1 and errored[0] not in {r["trial_id"] for r in rows}
     assert "failed" in result.stdout and "diverged" in result.stdout
 
 
