@@ -7,6 +7,7 @@ trial's beside its result log. The leaderboard ranks them; predict and the repor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -102,7 +103,7 @@ def write_trial_checkpoint(directory: str, run, meta: dict) -> None:
     torch.save(unwrap(run.model).state_dict(), os.path.join(directory, MODEL_FILE))
     # RNG states too, so a resumed trial continues the very same run (same augmentations, same dropout).
     torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                "scaler": run.scaler.state_dict(), "epoch": run.epoch,
+                "scaler": run.scaler.state_dict(), "epoch": run.epoch, "monitor": dataclasses.asdict(run.monitor),
                 "aug_rng": run.aug_gen.get_state(), "torch_rng": torch.get_rng_state()},
                os.path.join(directory, STATE_FILE))
     Path(directory, META_FILE).write_text(json.dumps(meta, indent=1))
@@ -119,6 +120,7 @@ def restore(run, checkpoint_dir: str, seed: int, rank: int) -> str | None:
         run.scheduler.load_state_dict(state["scheduler"])
         run.scaler.load_state_dict(state["scaler"])
         run.epoch = state["epoch"]
+        run.monitor.__dict__.update(state.get("monitor", {}))  # older checkpoints have none: a fresh monitor
     except Exception as err:  # torch raises RuntimeError, EOFError, pickle and zip errors for damaged files
         return f"checkpoint {checkpoint_dir} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
     if rank == 0:  # the checkpoint holds rank 0's random state; other ranks draw fresh streams

@@ -71,10 +71,16 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 10
     warmup_epochs: int = 1
-    schedule: str = "cosine"  # after warm-up: cosine (to min_lr), constant, or step (x gamma every step_epochs)
+    schedule: str = "cosine"  # after warm-up: cosine, constant, step or plateau (pneumo_ray/schedule.py)
     min_lr: float = 0.0
     step_epochs: int = 10
     gamma: float = 0.1
+    plateau_factor: float = 0.1
+    plateau_patience: int = 2
+    # End a trial once `monitor` has not improved for this many epochs (null: off); its best epoch is kept.
+    early_stopping_patience: int | None = None  # separate from ASHA, which compares trials; both can be on
+    min_delta: float = 0.0  # a smaller change of `monitor` is no improvement (plateau and early stopping)
+    monitor: str | None = None  # the val metric they watch; null: search.metric
     grad_clip: float = 1.0  # 0 turns it off
     label_smoothing: float = 0.0  # cross-entropy's: the target puts this much weight evenly on both classes
     amp: bool = True  # used only where the device supports it (CUDA)

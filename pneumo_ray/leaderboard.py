@@ -81,6 +81,7 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
         if stale.name not in keep_names:
             shutil.rmtree(stale)
     rows, probs, runs, val_y = [], {}, {}, selection_labels(splits)
+    stopped = storage.last_results(exp_dir)
     for rank, cand in enumerate(top, start=1):
         meta = cand["meta"]
         keep = best_copy(exp_dir, rank, cand["trial_id"])
@@ -96,6 +97,8 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
         row = {"row": str(rank), "rank": rank, "trial_id": cand["trial_id"], "model": meta["model"]}
         row.update({h: meta["params"].get(h) for h in HYPERPARAMS})
         row.update({"epoch": meta["metrics"]["epoch"], metric: meta["metrics"][metric], "temperature": temperature})
+        last = stopped.get(cand["trial_id"], {})  # where the trial stopped: its planned end, ASHA, early stopping
+        row.update({"last_epoch": last.get("epoch"), "stopped_early": True if last.get("early_stopped") else None})
         if lb.repeats:
             summary, runs[str(rank)] = summarize_runs(cand, tuple(probs[str(rank)]), splits, cfg)
             row.update(summary)
@@ -203,6 +206,8 @@ def save_rows(exp_dir: Path, rows: list[dict], settings: dict | None = None) -> 
 def _fmt(value) -> str:
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 0.01 and value != 0 else f"{value:.4f}".rstrip("0").rstrip(".")
     return str(value)
@@ -238,7 +243,7 @@ def describe(settings: dict | None) -> str:
             + (f"; {', '.join(extras)}" if extras else "") + ". The test split is read once, here.")
 
 
-CONFIG_COLUMNS = ("rank", "trial_id", *HYPERPARAMS, "epoch", "temperature")
+CONFIG_COLUMNS = ("rank", "trial_id", *HYPERPARAMS, "epoch", "last_epoch", "stopped_early", "temperature")
 
 
 def results_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -262,8 +267,8 @@ def versus_first(row: dict) -> str:
 
 
 def configs_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Each ranked trial's hyperparameters, kept epoch and temperature; a dimension no trial had (an
-    optional one the sweep did not search) is left out."""
+    """Each ranked trial's hyperparameters, kept (best) and last epoch, and temperature; a column no trial
+    has a value in (an optional dimension the sweep did not search, no early stop) is left out."""
     ranked = trial_rows(rows)
     columns = [c for c in CONFIG_COLUMNS if any(r[c] is not None for r in ranked)]
     return columns, [[_fmt(r[c]) for c in columns] for r in ranked]

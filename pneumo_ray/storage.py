@@ -18,12 +18,21 @@ from pathlib import Path
 from pneumo_ray.layout import TUNE_STATE_GLOB
 
 
-def saved_trials(exp_dir: Path) -> list[dict]:
-    """Tune's newest saved experiment state: one dict per trial (trial_id, status, relative_logdir...)."""
+def _saved_state(exp_dir: Path) -> list[tuple[dict, dict]]:
     states = sorted(Path(exp_dir).glob(TUNE_STATE_GLOB))  # by name, the session's start; not by mtime, since
     if not states:                                       # Tune re-syncs old files too
         return []
-    return [json.loads(trial) for trial, _ in json.loads(states[-1].read_text())["trial_data"]]
+    return [(json.loads(trial), json.loads(run)) for trial, run in json.loads(states[-1].read_text())["trial_data"]]
+
+
+def saved_trials(exp_dir: Path) -> list[dict]:
+    """Tune's newest saved experiment state: one dict per trial (trial_id, status, relative_logdir...)."""
+    return [trial for trial, _ in _saved_state(exp_dir)]
+
+
+def last_results(exp_dir: Path) -> dict[str, dict]:
+    """Trial id -> what it reported last (its last epoch's metrics), as Tune saved it."""
+    return {trial["trial_id"]: run.get("last_result") or {} for trial, run in _saved_state(exp_dir)}
 
 
 def is_remote(storage: str) -> bool:

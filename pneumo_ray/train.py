@@ -32,7 +32,7 @@ from pneumo_ray.data import Splits
 from pneumo_ray.evaluate import evaluate
 from pneumo_ray.layout import META_FILE, STATE_FILE, fold_dir_name
 from pneumo_ray.models import build_model, freeze, head_prefix, init_weights, is_head_param, set_train_mode, unwrap
-from pneumo_ray.schedule import lr_factor
+from pneumo_ray.schedule import Monitor, lr_factor, monitor_for, watches
 from pneumo_ray.search_space import with_trial_params
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,6 @@ class LocalSession:
         if self.checkpoint_dir and write_checkpoint:
             Path(self.checkpoint_dir).mkdir(parents=True, exist_ok=True)
             write_checkpoint(self.checkpoint_dir)
-
-
-# --------------------------------------------------------------------------- pieces
 
 
 def make_optimizer(model: nn.Module, params: dict, cfg: Config) -> torch.optim.Optimizer:
@@ -202,6 +199,7 @@ class Run:
     aug_gen: torch.Generator
     steps_per_epoch: int
     local_batch: int
+    monitor: Monitor  # the watched val metric's course: plateau schedule, early stopping
     epoch: int = 0  # epochs done
 
 
@@ -218,12 +216,13 @@ def build_run(cfg: Config, params: dict, splits: Splits, session) -> Run:
     optimizer = make_optimizer(unwrap(model), params, cfg)
     local_batch = max(2, params["batch_size"] // session.world_size)  # batch_size is global across ranks
     steps_per_epoch = max(1, math.ceil(len(splits.train_y) / session.world_size) // local_batch)
+    monitor = monitor_for(cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
-        (lambda step, head=g["is_head"]: lr_factor(step, steps_per_epoch, cfg, head, params["lr"]))
+        (lambda step, head=g["is_head"]: lr_factor(step, steps_per_epoch, cfg, head, params["lr"]) * monitor.lr_scale)
         for g in optimizer.param_groups])
     scaler = torch.amp.GradScaler(session.device.type, enabled=cfg.train.amp and session.device.type == "cuda")
     aug_gen = torch.Generator().manual_seed(seed * 7919 + session.rank)
-    return Run(model, optimizer, scheduler, scaler, aug_gen, steps_per_epoch, local_batch)
+    return Run(model, optimizer, scheduler, scaler, aug_gen, steps_per_epoch, local_batch, monitor)
 
 
 def train_epoch(run: Run, cfg: Config, params: dict, train_x: torch.Tensor, train_y: np.ndarray, mean: float,
@@ -331,5 +330,19 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
             val, _ = evaluate(unwrap(run.model), splits.val_x, splits.val_y, mean, std, cfg.augment.normalize,
                               session.device, "val_", cfg.train.eval_batch_size)
         metrics.update(fold_summary(val, cfg.search.metric, session) if folded else val or {})
-        session.report(metrics, lambda d: write_checkpoint(d, metrics, val))
+        stop = watches(cfg) and watch(run, metrics, cfg, params, session)
+        session.report({**metrics, "early_stopped": int(stop)}, lambda d: write_checkpoint(d, metrics, val))
+        if stop:
+            break
     return unwrap(run.model)
+
+
+def watch(run: Run, metrics: dict, cfg: Config, params: dict, session) -> bool:
+    """Feed the monitor rank 0's watched metric (on every rank: all cut and stop together). True: stop."""
+    value = torch.tensor([metrics.get(cfg.train.monitor or cfg.search.metric, math.nan)], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast(value, src=0)
+    run.monitor.update(float(value.item()), run.epoch, cfg, params["lr"])
+    for group, base, factor in zip(run.optimizer.param_groups, run.scheduler.base_lrs, run.scheduler.lr_lambdas):
+        group["lr"] = base * factor(run.scheduler.last_epoch)  # the next step's LR, with any cut just made
+    return run.monitor.should_stop(cfg)

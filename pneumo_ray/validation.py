@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from pneumo_ray.config import Config
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-SCHEDULES = ("cosine", "constant", "step")  # schedule.py
+SCHEDULES = ("cosine", "constant", "step", "plateau")  # schedule.py
 SAMPLERS = ("tpe", "random")
 LAUNCHERS = ("train", "inline")
 CLASS_WEIGHTING = ("none", "loss", "sampler")
@@ -150,6 +150,14 @@ def _validate_model_and_train(cfg: Config) -> None:
     _check(t.min_lr >= 0, "train.min_lr", "must be >= 0 (the LR cosine ends at)")
     _check(_whole(t.step_epochs) and t.step_epochs >= 1, "train.step_epochs", "must be a whole number >= 1")
     _check(0 < t.gamma <= 1, "train.gamma", "must be in (0, 1]: the step schedule's factor")
+    _check(0 < t.plateau_factor < 1, "train.plateau_factor", "must be in (0, 1): the plateau schedule's factor")
+    _check(_whole(t.plateau_patience) and t.plateau_patience >= 0, "train.plateau_patience",
+           "must be a whole number >= 0 (epochs without improvement before the LR is cut)")
+    _check(t.early_stopping_patience is None or (_whole(t.early_stopping_patience) and t.early_stopping_patience >= 1),
+           "train.early_stopping_patience", "must be a whole number >= 1 (epochs without improvement), or null (off)")
+    _check(t.min_delta >= 0, "train.min_delta", "must be >= 0")
+    _check(t.monitor is None or t.monitor in SELECTION_METRICS, "train.monitor",
+           f"must be one of {', '.join(SELECTION_METRICS)}, or null (search.metric)")
 
 
 def _validate_search(cfg: Config) -> None:

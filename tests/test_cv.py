@@ -49,8 +49,10 @@ def test_cross_validated_sweep_selects_on_the_fold_mean_and_thresholds_out_of_fo
 
     raw = yaml.safe_load(SMOKE.read_text())
     raw["data"].update(cv_folds=2, synthetic_train=192, synthetic_val=64, synthetic_test=96)
-    raw["search"].update(num_samples=2, max_concurrent_trials=1, model=["cnn_bn"], asha={"enabled": False})
-    raw["leaderboard"]["top_k"] = 2
+    raw["search"].update(num_samples=1, max_concurrent_trials=1, model=["cnn_bn"], asha={"enabled": False})
+    # Early stopping with min_delta 1: nothing after epoch 1 counts as better, so every trial ends after epoch 2
+    # of 3, its fold-models (one Train worker each) stopping together on the fold mean that rank 0 reports.
+    raw["train"].update(epochs=3, early_stopping_patience=1, min_delta=1.0)
     cfg_file = tmp_path / "cv.yaml"
     cfg_file.write_text(yaml.safe_dump(raw))
     result = run_cli("--config", str(cfg_file), "--storage", str(tmp_path), "--name", "cv", "--address", ray_address)
@@ -61,7 +63,7 @@ def test_cross_validated_sweep_selects_on_the_fold_mean_and_thresholds_out_of_fo
     last_reported = {}
     for log in exp.glob("tune_trial_*/result.json"):
         epochs = [json.loads(line) for line in log.read_text().splitlines()]
-        assert [e["epoch"] for e in epochs] == [1, 2]
+        assert [e["epoch"] for e in epochs] == [1, 2] and [e["early_stopped"] for e in epochs] == [0, 1]
         for e in epochs:
             per_fold = [e["val_auc_fold0"], e["val_auc_fold1"]]
             assert e["val_auc"] == pytest.approx(np.mean(per_fold)) and e["val_auc_sd"] == pytest.approx(
@@ -73,7 +75,8 @@ def test_cross_validated_sweep_selects_on_the_fold_mean_and_thresholds_out_of_fo
     assert values == pytest.approx(sorted(last_reported.values()))
 
     rows = ranked_rows(exp)
-    assert len(rows) == 2
+    assert len(rows) == 1 and all(r["last_epoch"] == 2 and r["stopped_early"] for r in rows)
+    assert "| last_epoch | stopped_early |" in (exp / "leaderboard.md").read_text()
     saved = yaml.safe_load((exp / "pneumo_config.yaml").read_text())
     splits = load_splits(DataConfig(**saved["data"]), seed=saved["experiment"]["seed"])
     pool_x, pool_y = splits.pool()

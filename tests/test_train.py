@@ -16,7 +16,7 @@ from pneumo_ray import config
 from pneumo_ray.data import load_splits
 from pneumo_ray.layout import MODEL_FILE, STATE_FILE
 from pneumo_ray.models import build_model
-from pneumo_ray.schedule import lr_factor
+from pneumo_ray.schedule import lr_factor, monitor_for
 from pneumo_ray.train import LocalSession, epoch_indices, fit, make_optimizer
 from tests.conftest import wait_for_free_cpus
 
@@ -74,10 +74,12 @@ class DyingSession(LocalSession):
             raise Interrupted
 
 
-def straight_and_interrupted(epochs: int, checkpoint_dir):
+def straight_and_interrupted(epochs: int, checkpoint_dir, **train):
     """A run of ``epochs`` start to end, and one that died after its epoch-2 checkpoint in
-    ``checkpoint_dir``: (config, splits, the straight run's session and model)."""
-    cfg = small_cfg(epochs=epochs)
+    ``checkpoint_dir``: (config, splits, the straight run's session and model). ``train``: train.* settings."""
+    cfg = small_cfg(epochs=epochs, synthetic_train=96, synthetic_val=32)  # bit-identity needs no more images
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
     splits = load_splits(cfg.data)
     straight = LocalSession(threads=1)
     reference = fit(cfg, PARAMS, splits, straight)
@@ -170,6 +172,64 @@ def test_each_schedule_gives_the_lr_sequence_torch_defines(schedule, reference):
         setattr(cfg.train, key, value)
     ours = [1e-2 * lr_factor(epoch, 1, cfg, True, 1e-2) for epoch in range(12)]
     assert ours == pytest.approx(reference(), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("maximize", [True, False])
+def test_plateau_cuts_the_lr_as_torchs_reduce_lr_on_plateau(maximize):
+    """The same metric sequence through our Monitor and through torch's ReduceLROnPlateau (absolute
+    threshold min_delta, min_lr): the same LR every epoch. Study 003's factor 0.3, patience 2."""
+    cfg = small_cfg(epochs=30)
+    cfg.train.schedule, cfg.train.plateau_factor, cfg.train.plateau_patience = "plateau", 0.3, 2
+    cfg.train.min_lr, cfg.train.min_delta = 1e-4, 0.01
+    cfg.search.metric = "val_auc" if maximize else "val_loss"
+    rng = np.random.default_rng(0)
+    values = np.cumsum(rng.normal(0.004, 0.02, 30)) * (1 if maximize else -1)  # improves, stalls, improves
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max" if maximize else "min", factor=0.3, patience=2, threshold=0.01, threshold_mode="abs",
+        min_lr=1e-4)
+    monitor, ours, theirs = monitor_for(cfg), [], []
+    for epoch, value in enumerate(values, start=1):
+        monitor.update(float(value), epoch, cfg, 1e-2)
+        reference.step(float(value))
+        ours.append(1e-2 * lr_factor(epoch, 1, cfg, True, 1e-2) * monitor.lr_scale)
+        theirs.append(optimizer.param_groups[0]["lr"])
+    assert ours == pytest.approx(theirs, rel=1e-9)
+    assert len(set(np.round(theirs, 12))) >= 3 and min(theirs) == pytest.approx(1e-4)  # it did cut, to the floor
+
+
+@pytest.mark.parametrize("patience", [1, 3])
+def test_early_stopping_stops_at_the_patience_and_says_so(patience):
+    """min_delta 1 means no epoch after the first can improve val AUC: the trial stops after exactly
+    ``patience`` more epochs, and its last report says so."""
+    cfg = small_cfg(epochs=8, synthetic_train=96, synthetic_val=32)
+    cfg.train.early_stopping_patience, cfg.train.min_delta = patience, 1.0
+    session = LocalSession(threads=1)
+    fit(cfg, PARAMS, load_splits(cfg.data), session)
+    assert [h["epoch"] for h in session.history] == list(range(1, patience + 2))
+    assert [h["early_stopped"] for h in session.history] == [0] * patience + [1]
+
+    cfg.train.min_delta = 0.0  # a metric that can improve: the trial runs while it does
+    session = LocalSession(threads=1)
+    fit(cfg, PARAMS, load_splits(cfg.data), session)
+    aucs, stopped_at = [h["val_auc"] for h in session.history], len(session.history)
+    best = max(range(stopped_at), key=lambda i: (aucs[i], -i))  # the first epoch with the best AUC
+    assert stopped_at == 8 or stopped_at - 1 - best == patience, (aucs, patience)
+
+
+def test_a_resumed_trial_remembers_its_plateau_and_its_wait(tmp_path):
+    """Plateau schedule and early stopping on: a run that died after its epoch-2 checkpoint and was
+    resumed is the uninterrupted run, bit for bit, which needs the monitor's state in the checkpoint."""
+    overrides = {"schedule": "plateau", "plateau_patience": 0, "plateau_factor": 0.5, "early_stopping_patience": 3,
+                 "min_delta": 0.002}
+    cfg, splits, straight, reference = straight_and_interrupted(5, tmp_path, **overrides)
+    resumed = LocalSession(threads=1, checkpoint_dir=str(tmp_path))
+    model = fit(cfg, PARAMS, splits, resumed)
+    assert [h["epoch"] for h in resumed.history] == [h["epoch"] for h in straight.history][2:]
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in straight.history][2:]
+    assert len({h["lr"] for h in straight.history}) > 1, "the plateau schedule never cut: the test proves nothing"
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
 
 
 def test_warm_up_comes_before_every_schedule():
