@@ -42,7 +42,7 @@ def test_sweeps_submitted_at_once_share_the_cluster_and_one_name_runs_once(ray_s
     for label, name in (("first", "first"), ("second", "second"), ("second again", "second")):
         jobs[label] = client.submit_job(
             entrypoint=f"{sys.executable} sweeps/run.py --config {config} --address auto --storage {tmp_path} "
-                       f"--name {name} --num-samples 2 --epochs 1",
+                       f"--name {name} --num-samples 1 --epochs 1",
             runtime_env=runtime_env)
     deadline = time.time() + 500
     while any(client.get_job_status(j).value not in DONE for j in jobs.values()):
@@ -60,8 +60,8 @@ def test_sweeps_submitted_at_once_share_the_cluster_and_one_name_runs_once(ray_s
 
     for name in ("first", "second"):  # each leaderboard whole, the winner's not touched by the loser
         rows = ranked_rows(tmp_path / name)
-        assert len(rows) == 2 and all(0 <= r["test_auc"] <= 1 for r in rows)
-        assert len(list((tmp_path / name).glob("tune_trial_*"))) == 2
+        assert len(rows) == 1 and 0 <= rows[0]["test_auc"] <= 1
+        assert len(list((tmp_path / name).glob("tune_trial_*"))) == 1
     first, second = trial_spans(tmp_path / "first"), trial_spans(tmp_path / "second")
     assert any(max(a[0], b[0]) < min(a[1], b[1]) for a in first for b in second), \
         f"no trial of one sweep ran while a trial of the other did: {first} {second}"
