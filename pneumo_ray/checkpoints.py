@@ -120,7 +120,8 @@ def restore(run, checkpoint_dir: str, seed: int, rank: int) -> str | None:
         run.scheduler.load_state_dict(state["scheduler"])
         run.scaler.load_state_dict(state["scaler"])
         run.epoch = state["epoch"]
-        run.monitor.__dict__.update(state.get("monitor", {}))  # older checkpoints have none: a fresh monitor
+        # In place: the LR schedule's lambdas hold this very Monitor. Older checkpoints have none: a fresh one.
+        run.monitor.__dict__.update(state.get("monitor", {}))
     except Exception as err:  # torch raises RuntimeError, EOFError, pickle and zip errors for damaged files
         return f"checkpoint {checkpoint_dir} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
     if rank == 0:  # the checkpoint holds rank 0's random state; other ranks draw fresh streams
