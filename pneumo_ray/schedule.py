@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pneumo_ray.config import Config
+from pneumo_ray.config import Config, selection_mode
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: Config, is_head: bool, lr: float) -> float:
@@ -48,16 +48,15 @@ class Monitor:
     maximize: bool
     min_delta: float = 0.0
     best: float | None = None
-    best_epoch: int = 0
     since_best: int = 0  # epochs without improvement: early stopping's wait
     since_cut: int = 0  # the same, reset when the plateau schedule cuts the LR (ReduceLROnPlateau's count)
     lr_scale: float = 1.0  # the plateau schedule's cuts so far, multiplied
 
-    def update(self, value: float, epoch: int, cfg: Config, lr: float) -> None:
+    def update(self, value: float, cfg: Config, lr: float) -> None:
         """Record ``value`` of the epoch; under the plateau schedule, cut ``lr_scale`` when it is time."""
         delta = (value - self.best if self.maximize else self.best - value) if self.best is not None else math.inf
         if delta > self.min_delta and not math.isnan(value):
-            self.best, self.best_epoch, self.since_best, self.since_cut = value, epoch, 0, 0
+            self.best, self.since_best, self.since_cut = value, 0, 0
         else:
             self.since_best, self.since_cut = self.since_best + 1, self.since_cut + 1
         t = cfg.train
@@ -70,9 +69,12 @@ class Monitor:
         return patience is not None and self.since_best >= patience
 
 
+def monitored_metric(cfg: Config) -> str:
+    return cfg.train.monitor or cfg.search.metric
+
+
 def monitor_for(cfg: Config) -> Monitor:
-    metric = cfg.train.monitor or cfg.search.metric
-    return Monitor(maximize=not metric.endswith("loss"), min_delta=cfg.train.min_delta)
+    return Monitor(maximize=selection_mode(monitored_metric(cfg)) == "max", min_delta=cfg.train.min_delta)
 
 
 def watches(cfg: Config) -> bool:

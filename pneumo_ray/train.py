@@ -32,7 +32,7 @@ from pneumo_ray.data import Splits
 from pneumo_ray.evaluate import evaluate
 from pneumo_ray.layout import META_FILE, STATE_FILE, fold_dir_name
 from pneumo_ray.models import build_model, freeze, head_prefix, init_weights, is_head_param, set_train_mode, unwrap
-from pneumo_ray.schedule import Monitor, lr_factor, monitor_for, watches
+from pneumo_ray.schedule import Monitor, lr_factor, monitor_for, monitored_metric, watches
 from pneumo_ray.search_space import with_trial_params
 
 log = logging.getLogger(__name__)
@@ -339,10 +339,10 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
 
 def watch(run: Run, metrics: dict, cfg: Config, params: dict, session) -> bool:
     """Feed the monitor rank 0's watched metric (on every rank: all cut and stop together). True: stop."""
-    value = torch.tensor([metrics.get(cfg.train.monitor or cfg.search.metric, math.nan)], dtype=torch.float64)
+    value = torch.tensor([metrics.get(monitored_metric(cfg), math.nan)], dtype=torch.float64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast(value, src=0)
-    run.monitor.update(float(value.item()), run.epoch, cfg, params["lr"])
+    run.monitor.update(float(value.item()), cfg, params["lr"])
     for group, base, factor in zip(run.optimizer.param_groups, run.scheduler.base_lrs, run.scheduler.lr_lambdas):
         group["lr"] = base * factor(run.scheduler.last_epoch)  # the next step's LR, with any cut just made
     return run.monitor.should_stop(cfg)

@@ -190,7 +190,7 @@ def test_plateau_cuts_the_lr_as_torchs_reduce_lr_on_plateau(maximize):
         min_lr=1e-4)
     monitor, ours, theirs = monitor_for(cfg), [], []
     for epoch, value in enumerate(values, start=1):
-        monitor.update(float(value), epoch, cfg, 1e-2)
+        monitor.update(float(value), cfg, 1e-2)
         reference.step(float(value))
         ours.append(1e-2 * lr_factor(epoch, 1, cfg, True, 1e-2) * monitor.lr_scale)
         theirs.append(optimizer.param_groups[0]["lr"])
