@@ -120,7 +120,9 @@ class SearchConfig:
     num_samples: int = 8
     max_concurrent_trials: int = 2
     metric: str = "val_auc"
-    sampler: str = "tpe"  # Optuna sampler: tpe (model-based), or random (the baseline it should beat)
+    # Optuna sampler: tpe (model-based), random (the baseline it should beat), or grid (every listed value of
+    # every searched dimension, each combination once; lr and weight_decay then list values, not a range).
+    sampler: str = "tpe"
     # TPE samples at random until this many trials have finished. Optuna's default, 10, would leave the
     # model only 6 of the default sweep's 16 trials.
     startup_trials: int = 5

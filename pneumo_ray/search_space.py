@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import warnings
+
+import optuna
 
 from pneumo_ray.config import Config
-from pneumo_ray.validation import OPTIONAL_DIMENSIONS, RANGES, searched_dimensions
+from pneumo_ray.validation import OPTIONAL_DIMENSIONS, RANGES, grid_axes, searched_dimensions
 
 
 class DefineByRun:
@@ -21,6 +24,8 @@ class DefineByRun:
     def __init__(self, cfg: Config):
         self.search = cfg.search
         self.pretrained = cfg.model.pretrained
+        # A grid lists lr and weight decay values (every one a grid point), where the other samplers take a range.
+        self.grid = cfg.search.sampler == "grid"
 
     def __call__(self, trial) -> dict:
         s, constants = self.search, {}
@@ -32,7 +37,9 @@ class DefineByRun:
                 constants[name] = choices[0]
 
         def log_range(name, bounds):
-            if bounds[0] != bounds[-1]:
+            if self.grid:
+                categorical(name, [float(v) for v in bounds])
+            elif bounds[0] != bounds[-1]:
                 trial.suggest_float(name, float(bounds[0]), float(bounds[-1]), log=True)
             else:
                 constants[name] = float(bounds[0])
@@ -51,6 +58,34 @@ class DefineByRun:
             if getattr(s, name):
                 categorical(name, getattr(s, name))
         return constants
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, for Tune. Tune's num_samples (the grid's size, validation checks) ends the
+    search, so the sampler need not: Optuna's calls study.stop() once the grid is done, which is only
+    allowed inside study.optimize and so raises in OptunaSearch's ask-and-tell. The grid points go to
+    trials 0..n-1 in a shuffled order, so each is visited once, however many trials run at a time."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+def make_sampler(cfg: Config):
+    """The Optuna sampler, seeded by the experiment so a sweep can be repeated.
+
+    TPE is multivariate (it models lr together with the optimizer it suits) and a constant liar (a trial
+    still running counts as a poor one, so concurrent trials are not sent to the same spot). Optuna 5
+    defaults to both; Optuna 3 and 4 default to neither, and call them experimental. Said explicitly,
+    so that a sweep searches the same way on every Optuna the project accepts."""
+    s = cfg.search
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.experiment.seed)
+    if s.sampler == "grid":
+        return GridSampler(grid_axes(cfg), seed=cfg.experiment.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=cfg.experiment.seed, n_startup_trials=s.startup_trials,
+                                          multivariate=True, constant_liar=True)
 
 
 def with_trial_params(cfg: Config, params: dict) -> Config:

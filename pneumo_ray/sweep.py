@@ -186,26 +186,6 @@ def check_models(cfg: Config, image_size: int) -> int:
     return largest
 
 
-def make_sampler(cfg: Config):
-    """The Optuna sampler, seeded by the experiment so a sweep can be repeated.
-
-    TPE is multivariate (it models lr together with the optimizer it suits) and a constant liar (a trial
-    still running counts as a poor one, so concurrent trials are not sent to the same spot). Optuna 5
-    defaults to both; Optuna 3 and 4 default to neither, and call them experimental. Said explicitly,
-    so that a sweep searches the same way on every Optuna the project accepts."""
-    import warnings
-
-    import optuna
-
-    s = cfg.search
-    if s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.experiment.seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=cfg.experiment.seed, n_startup_trials=s.startup_trials,
-                                          multivariate=True, constant_liar=True)
-
-
 def close_orphaned_study_trials(exp_dir: Path, study_storage, study_name: str) -> list[int]:
     """After a driver crash, Optuna rows of trials that Tune never saved stay RUNNING forever. Tune will
     not run them again (it re-asks the searcher instead), so mark them FAIL. Rows the saved searcher still
@@ -294,7 +274,7 @@ def make_tuner(cfg: Config, splits: Splits, resume: bool, concurrency: int, stor
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from pneumo_ray.search_space import DefineByRun, stratified_start
+    from pneumo_ray.search_space import DefineByRun, make_sampler, stratified_start
     from pneumo_ray.storage_watch import StorageWatch
     from pneumo_ray.trial import inline_run_config, reuse_trial_processes, tune_trial
 

@@ -7,6 +7,7 @@ and say how to fix it. This module reads the tree but does not import it, so ``c
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("cosine", "constant", "step", "plateau")  # schedule.py
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("tpe", "random", "grid")
 LAUNCHERS = ("train", "inline")
 CLASS_WEIGHTING = ("none", "loss", "sampler")
 DATA_SOURCES = ("medmnist", "npz", "folder", "synthetic")
@@ -28,7 +29,8 @@ CROP_MODES = ("none", "pad", "resized")
 THRESHOLD_RULES = ("youden", "sensitivity")
 SELECTION_METRICS = ("val_auc", "val_acc", "val_balanced_acc", "val_f1", "val_loss")
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-RANGES = ("lr", "weight_decay")  # [low, high] log ranges; every other searched dimension is a list of choices
+# [low, high] log ranges (with sampler: grid, lists of values); every other searched dimension is a list of choices
+RANGES = ("lr", "weight_decay")
 # Optional search dimensions -> the (section, field) each one sets for its trial when searched.
 OPTIONAL_DIMENSIONS = {"head_dropout": ("model", "head_dropout"), "label_smoothing": ("train", "label_smoothing"),
                        "rotation_deg": ("augment", "rotation_deg"), "crop_scale": ("augment", "crop_scale"),
@@ -39,11 +41,22 @@ def searched_dimensions(cfg: Config) -> list[str]:
     """The dimensions with more than one value: what the search explores."""
     s = cfg.search
     dims = [name for name in ("model", "optimizer", "batch_size", "class_weighting") if len(set(getattr(s, name))) > 1]
-    dims += [name for name in RANGES if getattr(s, name)[0] != getattr(s, name)[-1]]
+    if s.sampler == "grid":
+        dims += [name for name in RANGES if len(set(getattr(s, name))) > 1]
+    else:
+        dims += [name for name in RANGES if getattr(s, name)[0] != getattr(s, name)[-1]]
     if cfg.model.pretrained and len(set(s.freeze_depth)) > 1:
         dims.append("freeze_depth")
     dims += [name for name in OPTIONAL_DIMENSIONS if len(set(getattr(s, name))) > 1]
     return dims
+
+
+def grid_axes(cfg: Config) -> dict[str, list]:
+    """sampler: grid: each searched dimension's distinct values, in the config's order. The grid is their
+    product; the others are fixed, as with every sampler."""
+    s = cfg.search
+    return {name: [float(v) if name in RANGES else v for v in dict.fromkeys(getattr(s, name))]
+            for name in searched_dimensions(cfg)}
 
 
 def trial_epochs(cfg: Config) -> list[int]:
@@ -70,12 +83,16 @@ def _check_choices(values: list, allowed, path: str):
         _check(v in allowed, path, f"unknown value {v!r}; choose from {', '.join(map(str, allowed))}")
 
 
-def _check_log_range(values: list, path: str):
-    _check(len(values) in (1, 2), path, "expected one value or a [low, high] range")
+def _check_log_range(values: list, path: str, grid: bool):
+    if grid:  # each value is a grid point
+        _check(len(values) >= 1, path, "with sampler: grid, list the values to try, e.g. [1.0e-4, 1.0e-3, 1.0e-2]")
+    else:
+        _check(len(values) in (1, 2), path, "expected one value or a [low, high] range (or sampler: grid, "
+                                            "which takes a list of values)")
     for v in values:
         _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, path,
                f"values must be positive numbers (searched on a log scale), got {v!r}")
-    _check(values[0] <= values[-1], path, f"low {values[0]} is above high {values[-1]}")
+    _check(grid or values[0] <= values[-1], path, f"low {values[0]} is above high {values[-1]}")
 
 
 def validate(cfg: Config) -> None:
@@ -174,8 +191,9 @@ def _validate_search(cfg: Config) -> None:
         _check(not clear_text_password(s.optuna_storage), "search.optuna_storage",
                "holds a password in clear text, which the experiment would keep; name an environment variable "
                "instead, e.g. postgresql://user:${OPTUNA_DB_PASSWORD}@host/optuna, and export it")
-    _check_log_range(s.lr, "search.lr")
-    _check_log_range(s.weight_decay, "search.weight_decay")
+    _check_choices([s.sampler], SAMPLERS, "search.sampler")
+    _check_log_range(s.lr, "search.lr", s.sampler == "grid")
+    _check_log_range(s.weight_decay, "search.weight_decay", s.sampler == "grid")
     _check(len(s.batch_size) > 0, "search.batch_size", "needs at least one value")
     for b in s.batch_size:
         _check(isinstance(b, int) and not isinstance(b, bool) and b >= 2, "search.batch_size",
@@ -196,7 +214,6 @@ def _validate_search(cfg: Config) -> None:
                    f"values must be {'whole numbers' if whole else 'numbers'} in {low}..{high}, got {v!r}")
     _check(s.num_samples >= 1, "search.num_samples", "must be >= 1")
     _check(s.max_concurrent_trials >= 1, "search.max_concurrent_trials", "must be >= 1")
-    _check_choices([s.sampler], SAMPLERS, "search.sampler")
     _check(s.time_budget_s is None or (isinstance(s.time_budget_s, (int, float)) and s.time_budget_s > 0),
            "search.time_budget_s", "must be a number of seconds > 0, or null for no limit")
     _check_choices([s.metric], SELECTION_METRICS, "search.metric")
@@ -206,6 +223,13 @@ def _validate_search(cfg: Config) -> None:
     dims = searched_dimensions(cfg)
     _check(s.num_samples == 1 or bool(dims), "search",
            "every dimension is fixed, so there is nothing to search; give some dimension two or more values")
+    if s.sampler == "grid":
+        axes = grid_axes(cfg)
+        points = math.prod(len(values) for values in axes.values())
+        sizes = " x ".join(f"{name} {len(values)}" for name, values in axes.items()) or "every dimension fixed"
+        _check(s.num_samples == points, "search.num_samples",
+               f"sampler: grid has {points} point(s) ({sizes}); set num_samples: {points} to try each once")
+        _check(not s.initial_points, "search.initial_points", "sampler: grid tries every point already; remove them")
     for i, point in enumerate(s.initial_points):
         where = f"search.initial_points[{i}]"
         _check(isinstance(point, dict), where, "expected a mapping such as {optimizer: sgd, lr: 0.01}")

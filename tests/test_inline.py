@@ -68,3 +68,18 @@ def test_killed_inline_trial_resumes_from_its_checkpoint(tmp_path, ray_session, 
     killed_after, epochs, _ = kill_mid_trial(tmp_path, cfg, "killinline", ray_address,
                                              lambda actor: "ImplicitFunc" in actor.class_name)
     print(f"\n[inline fault] trial killed after epoch {killed_after}; reported epochs {epochs}")
+
+
+def test_grid_sweep_trains_each_point_once(tmp_path, ray_address):
+    """search.sampler: grid through a real sweep: Tune's OptunaSearch runs the grid's points, two at a time,
+    each once, and the sweep ends cleanly after the last (Optuna's own grid sampler would raise there)."""
+    cfg = inline_config(tmp_path, sampler="grid", model=["cnn_bn"], optimizer=["adamw", "sgd"], lr=[1.0e-3, 1.0e-2],
+                        weight_decay=[1.0e-4], class_weighting=["none"], num_samples=4, asha={"enabled": False})
+    result = run_cli("--config", str(cfg), "--name", "grid", "--epochs", "1", "--address", ray_address, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    exp = tmp_path / "results" / "grid"
+    assert sorted(s for _, s in study_rows(exp)) == ["COMPLETE"] * 4
+    params = [json.loads(p.read_text())["params"] for p in exp.glob("tune_trial_*/checkpoint_*/meta.json")]
+    assert sorted((p["optimizer"], p["lr"]) for p in params) == [
+        ("adamw", 1e-3), ("adamw", 1e-2), ("sgd", 1e-3), ("sgd", 1e-2)]
+    assert len(ranked_rows(exp)) == 3  # top_k of the smoke config

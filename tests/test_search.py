@@ -3,6 +3,7 @@ search.startup_trials says, and both samplers follow experiment.seed."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -10,8 +11,7 @@ import optuna
 import pytest
 
 from pneumo_ray import config
-from pneumo_ray.search_space import DefineByRun, stratified_start
-from pneumo_ray.sweep import make_sampler
+from pneumo_ray.search_space import DefineByRun, make_sampler, stratified_start
 
 
 def suggested_lrs(sampler, trials: int) -> list[float]:
@@ -121,6 +121,45 @@ def test_ray_optuna_search_runs_the_stratified_start():
         assert 1e-4 <= params["lr"] <= 1e-2 and 1e-6 <= params["weight_decay"] <= 1e-3
     assert len({round(p["lr"], 12) for p in suggested[:4]}) == 4  # drawn, not fixed
     assert sorted(p["optimizer"] for p in suggested[:4]) == ["adamw", "adamw", "sgd", "sgd"]
+
+
+def grid_config(**search):
+    return config.from_dict({"data": {"source": "synthetic"}, "search": {
+        "sampler": "grid", "optimizer": ["adam", "sgd"], "lr": [1e-4, 1e-3, 1e-2], "weight_decay": [1e-4],
+        "batch_size": [32, 64], "class_weighting": ["none"], "num_samples": 12, **search}})
+
+
+def test_grid_sampler_visits_each_point_once_through_ray_optuna_search():
+    """Study 002's grid as a sweep runs it: through Ray Tune's OptunaSearch, three trials asked for before any
+    ends, every grid point exactly once, and the last trial's end raises nothing (Optuna's own grid sampler
+    stops its study there, which only study.optimize allows)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = grid_config()
+    searcher = OptunaSearch(space=DefineByRun(cfg), metric="val_auc", mode="max", sampler=make_sampler(cfg))
+    suggested = []
+    for batch in range(4):
+        ids = [f"t{batch}_{i}" for i in range(3)]
+        params = [searcher.suggest(trial_id) for trial_id in ids]
+        for trial_id, p in zip(ids, params):
+            searcher.on_trial_complete(trial_id, {"val_auc": p["lr"] * 10, "training_iteration": 1})
+        suggested += params
+    points = sorted((p["optimizer"], p["lr"], p["batch_size"]) for p in suggested)
+    assert points == sorted(itertools.product(["adam", "sgd"], [1e-4, 1e-3, 1e-2], [32, 64]))
+    assert all(p["weight_decay"] == 1e-4 and p["class_weighting"] == "none" for p in suggested)  # fixed
+    order = [(p["optimizer"], p["lr"], p["batch_size"]) for p in suggested]
+    again = OptunaSearch(space=DefineByRun(cfg), metric="val_auc", mode="max", sampler=make_sampler(cfg))
+    assert [tuple(again.suggest(f"r{i}")[k] for k in ("optimizer", "lr", "batch_size")) for i in range(12)] == order
+
+
+def test_grid_needs_num_samples_to_match_its_points():
+    with pytest.raises(config.ConfigError, match=r"search.num_samples: sampler: grid has 12 point\(s\) "
+                                                 r"\(optimizer 2 x batch_size 2 x lr 3\); set num_samples: 12"):
+        grid_config(num_samples=8)
+    with pytest.raises(config.ConfigError, match="search.lr: low"):
+        grid_config(sampler="tpe", lr=[1e-2, 1e-3], num_samples=8)  # a range elsewhere
+    assert grid_config(lr=[1e-2, 1e-3, 1e-4]).search.lr == [1e-2, 1e-3, 1e-4]  # a grid lists values in any order
 
 
 def test_optional_dimensions_are_searched_only_when_given_and_reach_the_trial():
