@@ -156,7 +156,7 @@ def run_seed(model_name: str, epochs: int, splits, loader_workers: int) -> dict:
 
 def data_pipeline(splits, repeats: int = 3) -> dict:
     """Images/s of producing augmented training batches, no model: batched tensor ops vs PIL per image."""
-    from pneumo_ray.augment import augment_batch, to_float
+    from pneumo_ray.augment import train_batch
     from pneumo_ray.config import AugmentConfig
 
     torch.set_num_threads(os.cpu_count())
@@ -167,7 +167,7 @@ def data_pipeline(splits, repeats: int = 3) -> dict:
         start = time.perf_counter()
         order = torch.randperm(n, generator=gen)
         for i in range(0, n - BATCH + 1, BATCH):
-            augment_batch(to_float(x_all[order[i:i + BATCH]], 0.5, 0.25, True), cfg, gen)
+            train_batch(x_all[order[i:i + BATCH]], 0.5, 0.25, cfg, gen)
         project.append((n // BATCH) * BATCH / (time.perf_counter() - start))
         start = time.perf_counter()
         for _ in seed_loader(splits, 0):

@@ -60,7 +60,7 @@ def train_fn(config: dict) -> None:
     import torch
     import torch.nn.functional as F
 
-    from pneumo_ray.augment import augment_batch, to_float
+    from pneumo_ray.augment import train_batch
     from pneumo_ray.config import Config
     from pneumo_ray.models import build_model
     from pneumo_ray.train import make_optimizer
@@ -79,7 +79,7 @@ def train_fn(config: dict) -> None:
     def block() -> float:
         started = time.perf_counter()
         for _ in range(config["steps"]):
-            x = augment_batch(to_float(images, mean, std, True), cfg.augment, generator)
+            x = train_batch(images, mean, std, cfg.augment, generator)
             loss = F.cross_entropy(model(x), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

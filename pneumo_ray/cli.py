@@ -53,9 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def sweep_overrides(args: argparse.Namespace) -> dict:
-    from pneumo_ray.config import parse_data_spec
+def parse_data_spec(spec: str) -> dict:
+    """``synthetic | npz:PATH | folder:PATH | medmnist:SIZE[:ROOT]`` -> data.* overrides."""
+    from pneumo_ray.errors import ConfigError
+    from pneumo_ray.validation import MEDMNIST_SIZES
 
+    kind, _, rest = spec.partition(":")
+    if kind == "synthetic" and not rest:
+        return {"data.source": "synthetic"}
+    if kind in ("npz", "folder") and rest:
+        return {"data.source": kind, "data.path": rest}
+    if kind == "medmnist":
+        size, _, root = rest.partition(":")
+        out = {"data.source": "medmnist"}
+        if size:
+            if not size.isdigit():
+                raise ConfigError(f"--data {spec}: size must be one of {MEDMNIST_SIZES}")
+            out["data.size"] = int(size)
+        if root:
+            out["data.root"] = root
+        return out
+    raise ConfigError(f"--data {spec}: expected synthetic, npz:PATH, folder:PATH or medmnist:SIZE[:ROOT]")
+
+
+def sweep_overrides(args: argparse.Namespace) -> dict:
     overrides = parse_data_spec(args.data) if args.data else {}
     for flag, key in (("storage", "experiment.storage"), ("name", "experiment.name"),
                       ("num_samples", "search.num_samples"), ("epochs", "train.epochs")):

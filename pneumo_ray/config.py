@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from pneumo_ray.errors import ConfigError
-from pneumo_ray.validation import MEDMNIST_SIZES, validate
+from pneumo_ray.validation import validate
 
 
 @dataclass
@@ -35,6 +35,9 @@ class DataConfig:
     # folder: decoded, resized images are kept here, keyed by the folder's content and the size, so the next
     # sweep on the same folder skips decoding; null decodes every time. Never the source of truth.
     cache_dir: str | None = "~/.cache/pneumo-ray"
+    # folder: how a non-square image becomes size x size: stretch it, crop its centred square (as MedMNIST made
+    # PneumoniaMNIST), or pad it to a square with black (resize-and-pad, study 001)
+    resize: str = "stretch"
     min_val_images: int = 50  # folder: a val split smaller than this is carved from train
     val_fraction: float = 0.1
     synthetic_train: int = 512
@@ -53,7 +56,17 @@ class AugmentConfig:
     crop: str = "pad"  # pad: shift by up to crop_padding px; resized: zoom in by up to 1-crop_scale
     crop_padding: int = 2
     crop_scale: float = 0.85
-    normalize: bool = True
+    shear_deg: float = 0.0  # random x-shear, ± degrees (Keras' shear_range)
+    zoom: float = 0.0  # random zoom in or out, x 1 ± zoom (Keras' zoom_range, one factor for both axes)
+    brightness: float = 0.0  # brightness jitter, x 1 ± brightness (torchvision's ColorJitter)
+    contrast: float = 0.0  # contrast jitter, 1 ± contrast
+    # train: the train split's mean and std; imagenet; half: mean 0.5, std 0.5; none. true/false (configs
+    # written before the choice existed) mean train/none.
+    normalize: bool | str = "train"
+
+    def __post_init__(self):
+        if isinstance(self.normalize, bool):
+            self.normalize = "train" if self.normalize else "none"
 
 
 @dataclass
@@ -324,26 +337,6 @@ def loads(text: str, source: str, overrides: dict | None = None) -> Config:
             node = node.setdefault(key, {})
         node[leaf] = value
     return from_dict(raw)
-
-
-def parse_data_spec(spec: str) -> dict:
-    """``synthetic | npz:PATH | folder:PATH | medmnist:SIZE[:ROOT]`` -> data.* overrides."""
-    kind, _, rest = spec.partition(":")
-    if kind == "synthetic" and not rest:
-        return {"data.source": "synthetic"}
-    if kind in ("npz", "folder") and rest:
-        return {"data.source": kind, "data.path": rest}
-    if kind == "medmnist":
-        size, _, root = rest.partition(":")
-        out = {"data.source": "medmnist"}
-        if size:
-            if not size.isdigit():
-                raise ConfigError(f"--data {spec}: size must be one of {MEDMNIST_SIZES}")
-            out["data.size"] = int(size)
-        if root:
-            out["data.root"] = root
-        return out
-    raise ConfigError(f"--data {spec}: expected synthetic, npz:PATH, folder:PATH or medmnist:SIZE[:ROOT]")
 
 
 def selection_mode(metric: str) -> str:

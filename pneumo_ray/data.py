@@ -178,9 +178,10 @@ def _load_medmnist(cfg: DataConfig, seed: int) -> Splits:
     return _from_arrays(arrays, f"medmnist:{expected}")
 
 
-def read_gray(path: Path, size: int, center_crop: bool = False) -> np.ndarray:
-    """One image file -> size x size uint8 grayscale. ``center_crop`` first cuts the centred square of the
-    short edge, as MedMNIST built PneumoniaMNIST; without it a non-square image is stretched (the folder source)."""
+def read_gray(path: Path, size: int, resize: str = "stretch") -> np.ndarray:
+    """One image file -> size x size uint8 grayscale. A non-square image is stretched (``stretch``), cut to the
+    centred square of its short edge (``crop``, as MedMNIST built PneumoniaMNIST), or fitted inside the square
+    and padded with black (``pad``, resize-and-pad)."""
     from PIL import Image
 
     with Image.open(path) as img:
@@ -192,12 +193,18 @@ def read_gray(path: Path, size: int, center_crop: bool = False) -> np.ndarray:
             low, high = pixels.min(), pixels.max()
             img = Image.fromarray(((pixels - low) / max(high - low, 1e-12) * 255).round().astype(np.uint8))
         img = img.convert("L")
-        if center_crop and img.width != img.height:
+        if resize == "crop" and img.width != img.height:
             # Cut, then resize. Not PIL's ImageOps.fit: its resize reads pixels beyond the crop box for the
             # filter's support, so what lies outside the square bleeds into the edge pixels.
             side = min(img.size)
             left, top = (img.width - side) // 2, (img.height - side) // 2
             img = img.crop((left, top, left + side, top + side))
+        elif resize == "pad" and img.width != img.height:
+            fitted = img.resize((max(1, round(img.width * size / max(img.size))),
+                                 max(1, round(img.height * size / max(img.size)))), Image.BILINEAR)
+            square = Image.new("L", (size, size), 0)
+            square.paste(fitted, ((size - fitted.width) // 2, (size - fitted.height) // 2))
+            return np.asarray(square, dtype=np.uint8)
         return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
@@ -262,13 +269,13 @@ def shown(path: Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _decode(files: dict[str, list[tuple[Path, int]]], size: int) -> tuple[dict, list[str]]:
+def _decode(files: dict[str, list[tuple[Path, int]]], size: int, resize: str) -> tuple[dict, list[str]]:
     """Every listed image read at ``size`` px: split -> (images, labels), and the files that failed."""
     from concurrent.futures import ThreadPoolExecutor
 
     def read(item):
         try:
-            return read_gray(item[0], size)
+            return read_gray(item[0], size, resize)
         except Exception:
             return None
 
@@ -284,9 +291,11 @@ def _decode(files: dict[str, list[tuple[Path, int]]], size: int) -> tuple[dict, 
     return arrays, skipped
 
 
-def _content_key(files: dict[str, list[tuple[Path, int]]], size: int) -> str:
-    """A digest of every image's split, class, name and bytes, and the size: any change makes a new key."""
-    digest = hashlib.sha256(f"pneumo-ray folder cache 1, {size}px".encode())
+def _content_key(files: dict[str, list[tuple[Path, int]]], size: int, resize: str) -> str:
+    """A digest of every image's split, class, name and bytes, the size and the resize rule: any change makes
+    a new key."""
+    rule = "" if resize == "stretch" else f", {resize}"  # stretch's keys predate the rule: those caches stay valid
+    digest = hashlib.sha256(f"pneumo-ray folder cache 1, {size}px{rule}".encode())
     for s in SPLITS:
         for path, label in files[s]:
             digest.update(f"{s}/{label}/".encode() + os.fsencode(path.name) + b"\0")
@@ -301,8 +310,8 @@ def _decoded(files: dict[str, list[tuple[Path, int]]], cfg: DataConfig) -> tuple
     """``_decode``, through the cache in data.cache_dir when there is one. A cache file that cannot be
     read is decoded again and replaced: the images are the source of truth, the cache only saves time."""
     if not cfg.cache_dir:
-        return _decode(files, cfg.size)
-    cache = Path(cfg.cache_dir) / "folders" / f"{_content_key(files, cfg.size)}.npz"
+        return _decode(files, cfg.size, cfg.resize)
+    cache = Path(cfg.cache_dir) / "folders" / f"{_content_key(files, cfg.size, cfg.resize)}.npz"
     if cache.is_file():
         try:
             with np.load(cache) as saved:
@@ -311,7 +320,7 @@ def _decoded(files: dict[str, list[tuple[Path, int]]], cfg: DataConfig) -> tuple
                         [str(p) for p in saved["skipped"]])
         except Exception as err:  # truncated or foreign: decode again
             log.warning("cache %s unreadable (%s); decoding the images again", cache, type(err).__name__)
-    arrays, skipped = _decode(files, cfg.size)
+    arrays, skipped = _decode(files, cfg.size, cfg.resize)
     cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_suffix(f".{os.getpid()}.tmp.npz")
     np.savez(partial, skipped=np.array(skipped, dtype=str),

@@ -123,7 +123,9 @@ def write_leaderboard(exp_dir: Path, cfg: Config, splits: Splits) -> list[dict]:
     settings = {"selection_metric": metric, "threshold_rule": lb.threshold, "min_sensitivity": lb.min_sensitivity,
                 "bootstrap_resamples": lb.bootstrap_resamples, "bootstrap_seed": cfg.experiment.seed,
                 "confidence_level": 0.95, "flip_tta": lb.flip_tta, "temperature_scaling": lb.temperature_scaling,
-                "data_source": cfg.data.source,  # predict reads new images the way this source made its images
+                "data_source": cfg.data.source,
+                # predict makes new images square the way the training images were made: MedMNIST cropped them
+                "resize": "crop" if cfg.data.source in ("medmnist", "npz") else cfg.data.resize,
                 "cv_folds": splits.cv_folds}  # > 0: "val" is out-of-fold over train+val, test the fold-models' mean
     (exp_dir / EVALUATION_FILE).write_text(json.dumps({"settings": settings, "rows": details}, indent=1))
     np.savez(exp_dir / PREDICTIONS_FILE, val_y=val_y, test_y=splits.test_y,

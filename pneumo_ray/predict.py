@@ -2,7 +2,7 @@
 
 A file is read as the experiment's training images were made: grayscale, then resized to the training
 side with bilinear filtering. A MedMNIST (or MedMNIST-format npz) experiment first cuts the centred
-square, as MedMNIST did; a folder experiment stretches, as the folder source does. It is scored by one
+square, as MedMNIST did; a folder experiment follows its data.resize (stretch, crop, or pad). It is scored by one
 ranked model or by the ensemble and labelled at the threshold the leaderboard chose on val.
 Temperature and flip TTA follow the leaderboard too, so a probability here means what it meant there.
 """
@@ -38,7 +38,7 @@ class Predictor:
     threshold: float
     flip_tta: bool
     description: str
-    center_crop: bool  # how the training images were made square: see the module docstring
+    resize: str  # how the training images were made square (data.read_gray): see the module docstring
 
     @property
     def image_size(self) -> int:
@@ -81,13 +81,18 @@ def load_predictor(exp_dir: Path, rank: int = 1, ensemble: bool = False) -> Pred
     loaded = []
     for row in members:  # a cross-validated row is its fold-models, each weighted as one member
         loaded.extend(Member(model, meta, row.get("temperature") or 1.0) for model, meta in load_ranked(exp_dir, row))
-    source = settings.get("data_source", "folder")
     return Predictor(loaded, chosen["threshold"], settings.get("flip_tta", False),
                      f"{description}, threshold {chosen['threshold']:.3f} ({settings['threshold_rule']} on val)",
-                     center_crop=source in ("medmnist", "npz"))
+                     resize=resize_rule(settings))
 
 
-def read_images(paths: list[str], size: int, center_crop: bool) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
+def resize_rule(settings: dict) -> str:
+    """How the training images were made square (data.read_gray), from the leaderboard's settings. Experiments
+    scored before data.resize existed name only their source: MedMNIST's crop, else the folder's stretch."""
+    return settings.get("resize") or ("crop" if settings.get("data_source") in ("medmnist", "npz") else "stretch")
+
+
+def read_images(paths: list[str], size: int, resize: str) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
     """(path, H x W uint8) for each readable file, and a one-line error for each other one."""
     readable, errors = [], []
     for path in paths:
@@ -99,7 +104,7 @@ def read_images(paths: list[str], size: int, center_crop: bool) -> tuple[list[tu
             errors.append(f"{path}: empty file (0 bytes); pass a PNG or JPEG image")
             continue
         try:
-            readable.append((path, read_gray(p, size, center_crop)))
+            readable.append((path, read_gray(p, size, resize)))
         except Exception as err:  # PIL raises several types for truncated or foreign files
             errors.append(f"{path}: not a readable image ({type(err).__name__}: {str(err)[:120]}); "
                           "pass a PNG or JPEG image")
@@ -122,7 +127,7 @@ def run(exp_dir: Path, paths: list[str], rank: int = 1, ensemble: bool = False,
     from PIL import Image
 
     predictor = load_predictor(exp_dir, rank, ensemble)
-    readable, errors = read_images(paths, predictor.image_size, predictor.center_crop)
+    readable, errors = read_images(paths, predictor.image_size, predictor.resize)
     lines = [f"# {predictor.description}", "image\tp_pneumonia\tlabel"]
     if not readable:
         return lines, errors

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumo_ray.augment import augment_batch, to_float
+from pneumo_ray.augment import normalization, train_batch
 from pneumo_ray.checkpoints import restore, write_trial_checkpoint
 from pneumo_ray.config import Config
 from pneumo_ray.data import Splits
@@ -235,8 +235,7 @@ def train_epoch(run: Run, cfg: Config, params: dict, train_x: torch.Tensor, trai
     total_loss, seen = 0.0, 0
     for step in range(run.steps_per_epoch):
         idx = order[step * run.local_batch:(step + 1) * run.local_batch]
-        x = augment_batch(to_float(train_x[idx].to(device), mean, std, cfg.augment.normalize), cfg.augment,
-                          run.aug_gen)
+        x = train_batch(train_x[idx].to(device), mean, std, cfg.augment, run.aug_gen)
         y = torch.from_numpy(train_y[idx.numpy()]).to(device)
         with torch.autocast(device.type, enabled=use_amp):
             loss = F.cross_entropy(run.model(x), y, weight=loss_weight, label_smoothing=cfg.train.label_smoothing)
@@ -275,14 +274,14 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
         log.warning("%s; training this trial again from epoch 1", problem or "a checkpoint on another rank is bad")
         run = build_run(cfg, params, splits, session)  # a half-read checkpoint may have loaded some of its state
 
-    mean, std = splits.train_mean_std()
+    mean, std = normalization(cfg.augment.normalize, splits)  # (0, 1) for none: every image is standardised
     with warnings.catch_warnings():  # object-store arrays are read-only; we only ever index them
         warnings.simplefilter("ignore", UserWarning)
         train_x = torch.from_numpy(splits.train_x)
     loss_weight = class_weights(splits.train_y).to(session.device) if params["class_weighting"] == "loss" else None
     where = {"node_id": session.node_id}  # which machine trained this epoch: shows placement and failover
     meta = {"model": params["model"], "params": params, "image_size": splits.image_size, "mean": mean, "std": std,
-            "normalize": cfg.augment.normalize, "class_names": list(splits.class_names),
+            "normalize": True, "class_names": list(splits.class_names),
             "head_dropout": cfg.model.head_dropout}
 
     def write_checkpoint(directory: str, metrics: dict, fold_val: dict | None) -> None:
@@ -327,7 +326,7 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
             metrics.update({f"startup_{stage}_s": at - started_at for stage, at in session.startup_marks.items()})
         val = None
         if session.rank == 0:  # val is small; one rank evaluates it whole, the others wait at the report
-            val, _ = evaluate(unwrap(run.model), splits.val_x, splits.val_y, mean, std, cfg.augment.normalize,
+            val, _ = evaluate(unwrap(run.model), splits.val_x, splits.val_y, mean, std, True,
                               session.device, "val_", cfg.train.eval_batch_size)
         metrics.update(fold_summary(val, cfg.search.metric, session) if folded else val or {})
         stop = watches(cfg) and watch(run, metrics, cfg, params, session)

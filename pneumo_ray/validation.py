@@ -26,6 +26,8 @@ CLASS_WEIGHTING = ("none", "loss", "sampler")
 DATA_SOURCES = ("medmnist", "npz", "folder", "synthetic")
 MEDMNIST_SIZES = (28, 64, 128, 224)
 CROP_MODES = ("none", "pad", "resized")
+NORMALIZATIONS = ("train", "imagenet", "half", "none")  # augment.py
+RESIZE_RULES = ("stretch", "crop", "pad")  # data.read_gray
 THRESHOLD_RULES = ("youden", "sensitivity")
 SELECTION_METRICS = ("val_auc", "val_acc", "val_balanced_acc", "val_f1", "val_loss")
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -127,6 +129,7 @@ def _validate_data(cfg: Config) -> None:
     if d.source in ("npz", "folder"):
         _check(bool(d.path), "data.path", f"source {d.source!r} needs a path (or use --data {d.source}:PATH)")
     _check(0 < d.val_fraction < 0.5, "data.val_fraction", "must be between 0 and 0.5")
+    _check_choices([d.resize], RESIZE_RULES, "data.resize")
     _check(_whole(d.cv_folds) and (d.cv_folds == 0 or d.cv_folds >= 2), "data.cv_folds",
            f"must be 0 (off) or a number of folds >= 2, such as 5; got {d.cv_folds!r}")
     _check(d.cv_folds == 0 or cfg.resources.launcher == "train", "data.cv_folds",
@@ -141,6 +144,10 @@ def _validate_augment(cfg: Config) -> None:
     _check_choices([a.crop], CROP_MODES, "augment.crop")
     _check(a.crop_padding >= 0, "augment.crop_padding", "must be >= 0")
     _check(0.3 <= a.crop_scale <= 1, "augment.crop_scale", "must be in 0.3..1")
+    _check(0 <= a.shear_deg < 90, "augment.shear_deg", "must be in 0..90 degrees (e.g. 10)")
+    for name in ("zoom", "brightness", "contrast"):
+        _check(0 <= getattr(a, name) < 1, f"augment.{name}", "must be in [0, 1): the factor is drawn from 1 ± it")
+    _check_choices([a.normalize], NORMALIZATIONS, "augment.normalize")
 
 
 def _validate_model_and_train(cfg: Config) -> None:

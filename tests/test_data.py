@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumo_ray.augment import augment_batch, to_float
+from pneumo_ray import config
+from pneumo_ray.augment import augment_batch, normalization, to_float, train_batch
 from pneumo_ray.config import AugmentConfig, DataConfig
 from pneumo_ray.data import load_splits, read_gray
 from tests.conftest import SHARED_NPZ, write_npz
@@ -120,6 +121,10 @@ def test_folder_cache_is_keyed_by_content_and_size_and_rebuilt_on_any_change(tmp
     newest.write_bytes(b"not an npz")  # a damaged cache is never trusted: decoded again and replaced
     assert load_splits(DataConfig(**{**cfg.__dict__, "size": 32}), seed=0).image_size == 32
     assert "unreadable" in caplog.text and np.load(newest)["train_x"].shape[-1] == 32
+    # and another resize rule: the 40 x 48 images padded to squares gain black bands the stretched ones lack
+    padded = load_splits(DataConfig(**{**cfg.__dict__, "resize": "pad"}), seed=0)
+    assert len(sorted(cache.glob("folders/*.npz"))) == 6
+    assert padded.test_x[:, :2].max() == 0 and load_splits(cfg, seed=0).test_x[:, :2].max() > 0
 
 
 def test_augmentation_is_batched_and_switchable():
@@ -138,12 +143,74 @@ def test_augmentation_is_batched_and_switchable():
         assert not torch.allclose(full, x)
 
 
-def test_normalisation_uses_train_statistics():
+def test_normalisation_uses_train_statistics_or_the_chosen_constants():
     cfg = DataConfig(source="synthetic", synthetic_train=64, synthetic_val=16, synthetic_test=16)
     splits = load_splits(cfg)
-    mean, std = splits.train_mean_std()
+    mean, std = normalization("train", splits)
     x = to_float(torch.from_numpy(splits.train_x), mean, std, normalize=True)
     assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-2
+    assert normalization("half", splits) == (0.5, 0.5) and normalization("imagenet", splits) == (0.449, 0.226)
+    off = AugmentConfig(rotation_deg=0, hflip=False, crop="none", normalize="none")
+    raw = train_batch(torch.from_numpy(splits.train_x[:8]), *normalization("none", splits), off)
+    assert torch.equal(raw, to_float(torch.from_numpy(splits.train_x[:8]), 0, 1, normalize=False))  # [0, 1], as read
+    half = train_batch(torch.from_numpy(splits.train_x[:8]), 0.5, 0.5, off)
+    assert torch.allclose(half, raw * 2 - 1)  # torchvision's Normalize((0.5,), (0.5,)): [-1, 1]
+    # Configs written when normalize was true/false still load, as the rule they meant.
+    assert AugmentConfig(normalize=True).normalize == "train" and AugmentConfig(normalize=False).normalize == "none"
+    assert config.from_dict({"augment": {"normalize": False}}).augment.normalize == "none"
+
+
+def geometry_off(**changes) -> AugmentConfig:
+    return AugmentConfig(**{"rotation_deg": 0, "hflip": False, "crop": "none", **changes})
+
+
+def test_shear_keeps_the_centre_row_and_slants_the_rest():
+    # An odd side puts the centre row on a pixel, which an x-shear about the centre leaves where it is.
+    x = torch.zeros(4, 1, 29, 29)
+    x[:, :, :, 14] = 1.0  # a vertical line through the centre
+    out = augment_batch(x, geometry_off(shear_deg=30), torch.Generator().manual_seed(0))
+    assert torch.allclose(out[:, :, 14], x[:, :, 14], atol=1e-5)
+    draws = torch.Generator().manual_seed(0)
+    torch.rand(4, generator=draws)  # the rotation draw comes first, even at 0 degrees
+    slope = torch.tan((torch.rand(4, generator=draws) * 2 - 1) * torch.pi / 6)
+    # The output pixel that samples the line in the top row: x_in = x_out + slope * y_out = 0 (grid units).
+    expected = ((slope * 28 / 29 + 1) * 29 - 1) / 2
+    columns = out[:, 0, 0].argmax(dim=-1)  # where the line crosses the top row
+    assert ((columns - expected).abs() <= 1).all(), (columns, expected)
+    assert len(set(columns.tolist())) > 1  # slanted, by each image's own angle
+
+
+def test_zoom_scales_about_the_centre_by_the_drawn_factor():
+    size, radius = 31, 6.0
+    yy, xx = torch.meshgrid(torch.arange(size) - 15.0, torch.arange(size) - 15.0, indexing="ij")
+    disc = ((yy ** 2 + xx ** 2) <= radius ** 2).float().expand(16, 1, size, size)
+    out = augment_batch(disc, geometry_off(zoom=0.4), torch.Generator().manual_seed(1))
+    draws = torch.Generator().manual_seed(1)
+    torch.rand(16, generator=draws)  # the rotation draw comes first, even at 0 degrees
+    factor = 1 - 0.4 + 0.8 * torch.rand(16, generator=draws)
+    area = (out > 0.5).sum(dim=(1, 2, 3)).float()
+    assert (out[:, 0, 15, 15] == 1).all()  # the centre stays
+    # The grid samples a (factor x side) window: the disc's area scales as 1 / factor^2.
+    expected = (disc[0] > 0.5).sum() / factor ** 2
+    assert torch.allclose(area, expected, rtol=0.2), (area, expected)
+    assert area[factor.argmin()] > area[factor.argmax()]
+
+
+def test_brightness_and_contrast_jitter_scale_the_image_within_their_range():
+    gray = torch.full((64, 1, 8, 8), 0.5)
+    bright = augment_batch(gray, geometry_off(brightness=0.4), torch.Generator().manual_seed(0))
+    per_image = bright.amax(dim=(1, 2, 3))
+    assert torch.equal(bright.amin(dim=(1, 2, 3)), per_image)  # one factor per image
+    assert 0.5 * 0.6 - 1e-6 <= per_image.min() < 0.45 and 0.55 < per_image.max() <= 0.5 * 1.4 + 1e-6
+    assert augment_batch(torch.ones(4, 1, 8, 8), geometry_off(brightness=0.9)).max() <= 1  # clamped
+
+    halves = torch.cat([torch.full((64, 1, 8, 4), 0.25), torch.full((64, 1, 8, 4), 0.75)], dim=-1)
+    out = augment_batch(halves, geometry_off(contrast=0.5), torch.Generator().manual_seed(0))
+    assert torch.allclose(out.mean(dim=(1, 2, 3)), torch.full((64,), 0.5))  # blended with the mean gray
+    spread = out[:, 0, 0, -1] - out[:, 0, 0, 0]
+    assert 0.5 * 0.5 - 1e-6 <= spread.min() < 0.45 and 0.55 < spread.max() <= 0.5 * 1.5 + 1e-6
+    unchanged = geometry_off()
+    assert torch.equal(augment_batch(halves, unchanged, torch.Generator().manual_seed(0)), halves)
 
 
 def test_read_gray_scales_16_bit_images_and_center_crops(tmp_path):
@@ -161,6 +228,11 @@ def test_read_gray_scales_16_bit_images_and_center_crops(tmp_path):
     wide[:, 40:80] = 255
     path = tmp_path / "wide.png"
     Image.fromarray(wide).save(path)
-    assert read_gray(path, 20, center_crop=True).min() == 255
+    assert read_gray(path, 20, "crop").min() == 255
     stretched = read_gray(path, 20)
     assert stretched[:, 0].max() == 0 and stretched[:, 10].min() == 255
+
+    # Resize-and-pad: a white 120 x 40 image fits the 20 px square as 20 x 7, centred, with black above and below.
+    Image.fromarray(np.full((40, 120), 255, np.uint8)).save(path)
+    padded = read_gray(path, 20, "pad")
+    assert padded[:6].max() == 0 and padded[13:].max() == 0 and padded[7:12].min() == 255

@@ -255,6 +255,7 @@ def test_ensemble_beats_every_member_when_their_mistakes_differ(tmp_path):
     assert "AUC - #1 (p)" in board and "Not distinguishable from rank 1 by AUC" in board
     details = json.loads((exp_dir / "evaluation.json").read_text())
     assert details["settings"]["bootstrap_resamples"] == 1000
+    assert details["settings"]["resize"] == "crop"  # the default source, medmnist: predict crops as MedMNIST did
     assert np.array(details["rows"]["ensemble"]["confusion"]["tuned"]).trace() == n_test  # all correct
     report = details["rows"]["1"]["per_class"]["tuned"]
     assert report["normal"]["support"] == (test_y == 0).sum() and report["pneumonia"]["support"] == test_y.sum()

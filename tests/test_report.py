@@ -96,6 +96,19 @@ def test_predict_png_and_jpeg_with_per_file_errors(smoke_experiment, tmp_path):
     assert f"threshold {rank1['threshold']:.3f}" in result.stdout
 
 
+def test_predict_makes_new_images_square_as_the_training_images_were(tmp_path):
+    from pneumo_ray.data import read_gray
+    from pneumo_ray.predict import read_images, resize_rule
+
+    assert resize_rule({"resize": "pad", "data_source": "folder"}) == "pad"
+    assert resize_rule({"data_source": "npz"}) == resize_rule({"data_source": "medmnist"}) == "crop"  # older ones
+    assert resize_rule({"data_source": "folder"}) == "stretch"
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((40, 120), 255, np.uint8)).save(wide)
+    (path, image), = read_images([str(wide)], 20, "pad")[0]
+    assert np.array_equal(image, read_gray(wide, 20, "pad")) and image[0].max() == 0
+
+
 @pytest.mark.slow  # reads the session's smoke sweep, a real one
 def test_predict_ensemble_writes_gradcam_pngs(smoke_experiment, tmp_path):
     exp, _ = smoke_experiment

@@ -59,6 +59,19 @@ def test_a_trial_trains_with_its_own_epochs_dropout_and_label_smoothing(tmp_path
     assert session.history[-1]["train_loss"] > unsmoothed.history[-1]["train_loss"] + 0.05
 
 
+def test_a_trial_trains_with_the_studies_augmentations_and_keeps_its_normalisation(tmp_path):
+    """Shear, zoom and brightness/contrast jitter run in the loop; ImageNet normalisation is what the checkpoint
+    records, so the leaderboard and predict standardise test images the same way."""
+    raw = small_cfg(epochs=1).to_dict()
+    raw["augment"].update(shear_deg=10, zoom=0.1, brightness=0.2, contrast=0.2, normalize="imagenet")
+    cfg = config.from_dict(raw)
+    session = LocalSession(threads=1, checkpoint_dir=str(tmp_path))
+    fit(cfg, {**PARAMS, "model": "mlp"}, load_splits(cfg.data), session)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert (meta["mean"], meta["std"], meta["normalize"]) == (0.449, 0.226, True)
+    assert np.isfinite(session.history[-1]["train_loss"]) and 0 <= session.history[-1]["val_auc"] <= 1
+
+
 class Interrupted(RuntimeError):
     pass
 
