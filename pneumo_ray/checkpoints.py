@@ -68,7 +68,9 @@ def best_per_trial(exp_dir: Path, metric: str) -> list[dict]:
 
 
 def load_model(checkpoint_dir: Path, meta: dict) -> torch.nn.Module:
-    model = build_model(meta["model"], meta["image_size"], head_dropout=meta.get("head_dropout", 0.0))
+    # "arch": the architecture of a labelled search.model entry (models.<label>); older checkpoints lack it
+    model = build_model(meta.get("arch") or meta["model"], meta["image_size"],
+                        head_dropout=meta.get("head_dropout", 0.0), head_hidden=meta.get("head_hidden"))
     model.load_state_dict(torch.load(checkpoint_dir / MODEL_FILE, map_location="cpu", weights_only=True))
     return model.eval()
 

@@ -78,6 +78,7 @@ class ModelConfig:
     finetune_lr_factor: float = 1.0  # the body trains at lr x this (after any head warm-up): a lower LR in stage two
     freeze_bn: bool = False  # every BatchNorm layer stays in eval mode: pretrained statistics are kept
     init: str = "default"  # scratch models: each layer's own init, or xavier_uniform (weights; biases zero)
+    head_hidden: list = field(default_factory=list)  # timm models: hidden widths of a new MLP head, e.g. [512, 128]
 
 
 @dataclass
@@ -109,11 +110,8 @@ class AshaConfig:
 
 @dataclass
 class SearchConfig:
-    """Each dimension is a list of choices; lr and weight_decay are [low, high] log ranges.
-
-    A dimension with one value is fixed. freeze_depth is searched only for
-    pretrained models (it means nothing for weights learned from scratch).
-    """
+    """Each dimension is a list of choices; lr and weight_decay are [low, high] log ranges. A dimension with one
+    value is fixed. freeze_depth is searched only for pretrained models (it means nothing from scratch)."""
 
     model: list = field(default_factory=lambda: ["cnn_bn"])
     optimizer: list = field(default_factory=lambda: ["adamw", "sgd"])
@@ -187,6 +185,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    # Per-model settings, by search.model entry: {label: {arch, freeze_depth, and any `model` field}}. A label
+    # trains as `model` with these fields changed, so one sweep can rank scratch and pretrained variants.
+    models: dict = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -239,6 +240,10 @@ def _coerce(hint, value, path: str):
         base = members[0]
     if base is list:
         return list(value) if isinstance(value, (list, tuple)) else [value]
+    if base is dict:  # models: its entries are checked by validation.py, against the model section's fields
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
     if base is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")

@@ -120,7 +120,8 @@ def check_model_name(name: str) -> str | None:
 
 
 def build_model(name: str, image_size: int, num_classes: int = 2, head_dropout: float = 0.0,
-                pretrained: bool = False, weights_file: str | None = None) -> nn.Module:
+                pretrained: bool = False, weights_file: str | None = None,
+                head_hidden: list | None = None) -> nn.Module:
     if name == "mlp":
         return MLP(image_size, num_classes, head_dropout)
     if name in ("cnn", "cnn_bn"):
@@ -134,9 +135,56 @@ def build_model(name: str, image_size: int, num_classes: int = 2, head_dropout: 
         # timm's own loader reads a local file (offline), adapts the stem to 1 channel and drops the old head.
         kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(weights_file).expanduser()))
     try:
-        return timm.create_model(name, img_size=image_size, **kwargs)  # ViT-like models need the input size
+        model = timm.create_model(name, img_size=image_size, **kwargs)  # ViT-like models need the input size
     except TypeError:  # CNNs take no img_size argument
-        return timm.create_model(name, **kwargs)
+        model = timm.create_model(name, **kwargs)
+    if head_hidden:
+        replace_head(model, head_hidden, num_classes)
+    return model
+
+
+def replace_head(model: nn.Module, hidden: list, num_classes: int) -> None:
+    """A timm model's linear classifier -> an MLP head (Linear + ReLU per hidden width, then the classifier),
+    as the Keras studies put Dense 512 -> Dense 128 on a pretrained base. It stays under the classifier's
+    name, so head warm-up, the head's LR and freezing treat it as the head."""
+    prefix = head_prefix(model)
+    classifier = model.get_submodule(prefix)
+    if not isinstance(classifier, nn.Linear):
+        raise ValueError(f"head_hidden: {type(model).__name__}'s classifier {prefix} is not a linear layer")
+    layers, width = [], classifier.in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
+        width = h
+    parent, _, child = prefix.rpartition(".")
+    head = nn.Sequential(*layers, nn.Linear(width, num_classes))
+    setattr(model.get_submodule(parent) if parent else model, child, head)
+
+
+def offline_weights_problem(name: str) -> str | None:
+    """Why timm could not load ``name``'s pretrained weights on this machine, or None: they are in the local
+    Hugging Face cache, or the Hub can be reached (HF_HUB_OFFLINE unset). Checked before Ray starts, because
+    timm offline retries for about a minute and then fails every trial."""
+    import os
+    import socket
+
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        return f"timm has no pretrained weights for {name}"
+    if cfg.hf_hub_id and any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str)
+                             for f in ("model.safetensors", "pytorch_model.bin")):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        try:
+            socket.getaddrinfo("huggingface.co", 443)
+            return None  # online: timm downloads them
+        except OSError:
+            pass
+    return (f"no pretrained weights for {name} on this machine, and the Hugging Face Hub cannot be reached; "
+            f"download them where there is internet (timm.create_model('{name}', pretrained=True) fills "
+            f"~/.cache/huggingface), or save them as a file and set weights_file: /path/to/{name}.safetensors")
 
 
 def head_prefix(model: nn.Module) -> str:

@@ -1,8 +1,9 @@
 """Config -> Optuna define-by-run search space.
 
 Define-by-run lets a parameter exist only when it means something: freeze_depth
-is suggested only for pretrained models, so TPE never models a dimension that
-does nothing. A dimension with a single value is returned as a constant.
+is suggested only for pretrained models (per search.model entry, see models.<label>),
+so TPE never models a dimension that does nothing. A dimension with a single value
+is returned as a constant.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import warnings
 import optuna
 
 from pneumo_ray.config import Config
-from pneumo_ray.validation import OPTIONAL_DIMENSIONS, RANGES, grid_axes, searched_dimensions
+from pneumo_ray.validation import (
+    OPTIONAL_DIMENSIONS,
+    RANGES,
+    conditional_dimensions,
+    freeze_dimensions,
+    grid_axes,
+    model_variant,
+    searched_dimensions,
+)
 
 
 class DefineByRun:
@@ -22,8 +31,7 @@ class DefineByRun:
     Tune pickles the searcher (and so this) into the experiment state for ``--resume``."""
 
     def __init__(self, cfg: Config):
-        self.search = cfg.search
-        self.pretrained = cfg.model.pretrained
+        self.cfg, self.search = cfg, cfg.search
         # A grid lists lr and weight decay values (every one a grid point), where the other samplers take a range.
         self.grid = cfg.search.sampler == "grid"
 
@@ -32,9 +40,9 @@ class DefineByRun:
 
         def categorical(name, choices):
             if len(set(choices)) > 1:
-                trial.suggest_categorical(name, list(choices))
-            else:
-                constants[name] = choices[0]
+                return trial.suggest_categorical(name, list(choices))
+            constants[name] = choices[0]
+            return choices[0]
 
         def log_range(name, bounds):
             if self.grid:
@@ -44,16 +52,18 @@ class DefineByRun:
             else:
                 constants[name] = float(bounds[0])
 
-        categorical("model", s.model)
+        label = categorical("model", s.model)
         categorical("optimizer", s.optimizer)
         log_range("lr", s.lr)
         log_range("weight_decay", s.weight_decay)
         categorical("batch_size", s.batch_size)
         categorical("class_weighting", s.class_weighting)
-        if self.pretrained:  # conditional: frozen stages mean nothing without pretrained weights
-            categorical("freeze_depth", s.freeze_depth)
-        else:
-            constants["freeze_depth"] = 0
+        # Conditional: frozen stages mean nothing without pretrained weights. The trial always gets the
+        # value as freeze_depth, whichever dimension it came from.
+        for name, (depths, labels) in freeze_dimensions(self.cfg).items():
+            if label in labels:
+                constants["freeze_depth"] = categorical(name, depths)
+        constants.setdefault("freeze_depth", 0)
         for name in OPTIONAL_DIMENSIONS:  # only those the config names; the rest keep their fixed value
             if getattr(s, name):
                 categorical(name, getattr(s, name))
@@ -89,9 +99,11 @@ def make_sampler(cfg: Config):
 
 
 def with_trial_params(cfg: Config, params: dict) -> Config:
-    """The config one trial trains with: ``cfg`` with the trial's values of the optional dimensions
-    (head dropout, label smoothing, rotation, crop scale, epochs) in the fields they stand for, and a
-    repeat's own seed (leaderboard.repeats)."""
+    """The config one trial trains with: ``cfg`` with its model's own settings (models.<label>) in the model
+    section, the trial's values of the optional dimensions (head dropout, label smoothing, rotation, crop
+    scale, epochs) in the fields they stand for, and a repeat's own seed (leaderboard.repeats)."""
+    if params.get("model") in cfg.models:
+        cfg = dataclasses.replace(cfg, model=model_variant(cfg, params["model"])[1])
     sections = {"experiment": {"seed": params["seed"]}} if "seed" in params else {}
     for name, (section, field) in OPTIONAL_DIMENSIONS.items():
         if name in params:
@@ -109,13 +121,16 @@ def stratified_start(cfg: Config) -> list[dict]:
     it (docs/performance.md)."""
     s = cfg.search
     count = min(s.startup_trials, s.num_samples) - len(s.initial_points)
-    choices = [name for name in searched_dimensions(cfg) if name not in RANGES]
+    # Not lr and weight decay (drawn by the sampler), nor a dimension only some models have (freeze depth).
+    skipped = set(RANGES) | conditional_dimensions(cfg)
+    choices = [name for name in searched_dimensions(cfg) if name not in skipped]
     if s.sampler != "tpe" or not s.stratified_start or count <= 0 or not choices:
         return []
     rng = random.Random(cfg.experiment.seed)
     columns = {}
     for name in choices:
-        values = list(dict.fromkeys(getattr(s, name)))  # distinct, in the config's order
+        values = list(dict.fromkeys(freeze_dimensions(cfg)[name][0] if name.endswith("freeze_depth")
+                                    else getattr(s, name)))  # distinct, in the config's order
         rng.shuffle(values)  # which values get the extra trials when the count doesn't divide evenly
         column = (values * count)[:count]
         rng.shuffle(column)

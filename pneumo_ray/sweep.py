@@ -166,12 +166,19 @@ def check_models(cfg: Config, image_size: int) -> int:
     largest model's weights in bytes (what its checkpoints are sized by)."""
     import torch
 
-    from pneumo_ray.models import build_model, max_freeze_depth
+    from pneumo_ray.models import build_model, max_freeze_depth, offline_weights_problem
+    from pneumo_ray.validation import model_variant
 
     largest = 0
-    for name in cfg.search.model:
+    for name in dict.fromkeys(cfg.search.model):
+        arch, m, depths = model_variant(cfg, name)
+        section = f"models.{name}" if name in cfg.models else "model"
+        problem = m.pretrained and not m.weights_file and offline_weights_problem(arch)
+        if problem:
+            raise ConfigError(f"{section}.weights_file: {problem}")
         try:
-            model = build_model(name, image_size, pretrained=cfg.model.pretrained, weights_file=cfg.model.weights_file)
+            model = build_model(arch, image_size, pretrained=m.pretrained, weights_file=m.weights_file,
+                                head_hidden=m.head_hidden)
             model.eval()
             with torch.no_grad():
                 model(torch.zeros(2, 1, image_size, image_size))
@@ -179,9 +186,11 @@ def check_models(cfg: Config, image_size: int) -> int:
             raise ConfigError(f"search.model: {name!r} cannot be built for {image_size}px images "
                               f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
         deepest = max_freeze_depth(model)
-        if cfg.model.pretrained and max(cfg.search.freeze_depth) > deepest:
-            raise ConfigError(f"search.freeze_depth: {max(cfg.search.freeze_depth)} exceeds the {deepest} "
-                              f"stem/stage groups of {name}; use values 0..{deepest}")
+        if m.pretrained and max(depths) > deepest:
+            where = f"models.{name}.freeze_depth" if "freeze_depth" in (cfg.models.get(name) or {}) else \
+                "search.freeze_depth"
+            raise ConfigError(f"{where}: {max(depths)} exceeds the {deepest} stem/stage groups of {name}; "
+                              f"use values 0..{deepest}")
         largest = max(largest, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
     return largest
 

@@ -34,6 +34,7 @@ from pneumo_ray.layout import META_FILE, STATE_FILE, fold_dir_name
 from pneumo_ray.models import build_model, freeze, head_prefix, init_weights, is_head_param, set_train_mode, unwrap
 from pneumo_ray.schedule import Monitor, lr_factor, monitor_for, monitored_metric, watches
 from pneumo_ray.search_space import with_trial_params
+from pneumo_ray.validation import model_variant
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +208,11 @@ def build_run(cfg: Config, params: dict, splits: Splits, session) -> Run:
     """The model, its optimizer, LR schedule and grad scaler, from scratch."""
     seed = cfg.experiment.seed
     torch.manual_seed(seed)  # same init on every rank; DDP also broadcasts rank 0's weights
-    model = build_model(params["model"], splits.image_size, head_dropout=cfg.model.head_dropout,
-                        pretrained=cfg.model.pretrained, weights_file=cfg.model.weights_file)
-    if cfg.model.init != "default" and not cfg.model.pretrained:
-        init_weights(model, cfg.model.init)
+    m = cfg.model  # the trial's model's own settings (with_trial_params)
+    model = build_model(model_variant(cfg, params["model"])[0], splits.image_size, head_dropout=m.head_dropout,
+                        pretrained=m.pretrained, weights_file=m.weights_file, head_hidden=m.head_hidden)
+    if m.init != "default" and not m.pretrained:
+        init_weights(model, m.init)
     freeze(model, params.get("freeze_depth", 0))
     model = session.prepare_model(model)
     optimizer = make_optimizer(unwrap(model), params, cfg)
@@ -282,7 +284,8 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
     where = {"node_id": session.node_id}  # which machine trained this epoch: shows placement and failover
     meta = {"model": params["model"], "params": params, "image_size": splits.image_size, "mean": mean, "std": std,
             "normalize": True, "class_names": list(splits.class_names),
-            "head_dropout": cfg.model.head_dropout}
+            "head_dropout": cfg.model.head_dropout, "arch": model_variant(cfg, params["model"])[0],
+            "head_hidden": cfg.model.head_hidden}
 
     def write_checkpoint(directory: str, metrics: dict, fold_val: dict | None) -> None:
         if not folded:

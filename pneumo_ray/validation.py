@@ -7,6 +7,7 @@ and say how to fix it. This module reads the tree but does not import it, so ``c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -39,6 +40,40 @@ OPTIONAL_DIMENSIONS = {"head_dropout": ("model", "head_dropout"), "label_smoothi
                        "epochs": ("train", "epochs")}
 
 
+def model_variant(cfg: Config, label: str):
+    """search.model entry ``label`` -> (its architecture, its model section, the freeze depths searched for
+    it): ``model`` with the fields of ``models.<label>`` changed. Without such an entry: (label, model,
+    search.freeze_depth)."""
+    from pneumo_ray.config import ModelConfig, _build  # lazy: config imports this module
+
+    settings = dict(cfg.models.get(label) or {})
+    arch, depths = settings.pop("arch", None) or label, settings.pop("freeze_depth", None)
+    model = _build(ModelConfig, {**dataclasses.asdict(cfg.model), **settings}, f"models.{label}") if settings \
+        else cfg.model
+    return arch, model, list(depths) if depths is not None else list(cfg.search.freeze_depth)
+
+
+def freeze_dimensions(cfg: Config) -> dict[str, tuple[list, set]]:
+    """Freeze depth's search dimensions -> (their values, the search.model entries that have them). Only
+    pretrained models freeze: those that take search.freeze_depth share the dimension ``freeze_depth``; one
+    with its own list (models.<label>.freeze_depth) has its own, ``<label>.freeze_depth``, as Optuna wants one
+    set of choices per parameter."""
+    dims: dict[str, tuple[list, set]] = {}
+    for label in dict.fromkeys(cfg.search.model):
+        _, model, depths = model_variant(cfg, label)
+        if model.pretrained:
+            own = "freeze_depth" in (cfg.models.get(label) or {})
+            dims.setdefault(f"{label}.freeze_depth" if own else "freeze_depth", (depths, set()))[1].add(label)
+    return dims
+
+
+def conditional_dimensions(cfg: Config) -> set[str]:
+    """The searched dimensions that only some of the sweep's models have (freeze depths)."""
+    searched = set(searched_dimensions(cfg))
+    return {name for name, (_, labels) in freeze_dimensions(cfg).items()
+            if name in searched and labels != set(cfg.search.model)}
+
+
 def searched_dimensions(cfg: Config) -> list[str]:
     """The dimensions with more than one value: what the search explores."""
     s = cfg.search
@@ -47,8 +82,7 @@ def searched_dimensions(cfg: Config) -> list[str]:
         dims += [name for name in RANGES if len(set(getattr(s, name))) > 1]
     else:
         dims += [name for name in RANGES if getattr(s, name)[0] != getattr(s, name)[-1]]
-    if cfg.model.pretrained and len(set(s.freeze_depth)) > 1:
-        dims.append("freeze_depth")
+    dims += [name for name, (depths, _) in freeze_dimensions(cfg).items() if len(set(depths)) > 1]
     dims += [name for name in OPTIONAL_DIMENSIONS if len(set(getattr(s, name))) > 1]
     return dims
 
@@ -56,8 +90,9 @@ def searched_dimensions(cfg: Config) -> list[str]:
 def grid_axes(cfg: Config) -> dict[str, list]:
     """sampler: grid: each searched dimension's distinct values, in the config's order. The grid is their
     product; the others are fixed, as with every sampler."""
-    s = cfg.search
-    return {name: [float(v) if name in RANGES else v for v in dict.fromkeys(getattr(s, name))]
+    s, freeze = cfg.search, freeze_dimensions(cfg)
+    return {name: [float(v) if name in RANGES else v
+                   for v in dict.fromkeys(freeze[name][0] if name in freeze else getattr(s, name))]
             for name in searched_dimensions(cfg)}
 
 
@@ -100,7 +135,7 @@ def _check_log_range(values: list, path: str, grid: bool):
 def validate(cfg: Config) -> None:
     """Every section's checks, in the YAML's order; the first problem raises a ConfigError."""
     for check in (_validate_experiment, _validate_data, _validate_augment, _validate_model_and_train,
-                  _validate_search, _validate_resources, _validate_leaderboard):
+                  _validate_models, _validate_search, _validate_resources, _validate_leaderboard):
         check(cfg)
 
 
@@ -150,23 +185,30 @@ def _validate_augment(cfg: Config) -> None:
     _check_choices([a.normalize], NORMALIZATIONS, "augment.normalize")
 
 
-def _validate_model_and_train(cfg: Config) -> None:
-    m, t = cfg.model, cfg.train
-    _check(0 <= m.head_dropout < 1, "model.head_dropout", "must be in [0, 1)")
-    _check(m.head_warmup_epochs >= 0, "model.head_warmup_epochs", "must be >= 0")
-    _check(0 < m.finetune_lr_factor <= 1, "model.finetune_lr_factor", "must be in (0, 1], e.g. 0.1")
-    _check_choices([m.init], ("default", "xavier_uniform"), "model.init")
-    _check(m.init == "default" or not m.pretrained, "model.init",
-           "re-initialising would discard the pretrained weights; use default with model.pretrained: true")
+def _check_model_section(m, path: str, fewest_epochs: int) -> None:
+    """The checks of a model section: ``model``, or one search.model entry's under ``models.<label>``."""
+    _check(0 <= m.head_dropout < 1, f"{path}.head_dropout", "must be in [0, 1)")
+    _check(m.head_warmup_epochs >= 0, f"{path}.head_warmup_epochs", "must be >= 0")
+    _check(m.head_warmup_epochs < fewest_epochs, f"{path}.head_warmup_epochs", "must be below every trial's epochs")
+    _check(0 < m.finetune_lr_factor <= 1, f"{path}.finetune_lr_factor", "must be in (0, 1], e.g. 0.1")
+    _check_choices([m.init], ("default", "xavier_uniform"), f"{path}.init")
+    _check(m.init == "default" or not m.pretrained, f"{path}.init",
+           "re-initialising would discard the pretrained weights; use default with pretrained: true")
+    for width in m.head_hidden:
+        _check(_whole(width) and width >= 1, f"{path}.head_hidden", f"widths are whole numbers >= 1, got {width!r}")
     if m.weights_file:
-        _check(m.pretrained, "model.weights_file", "is only used with model.pretrained: true")
-        _check(Path(m.weights_file).expanduser().is_file(), "model.weights_file",
+        _check(m.pretrained, f"{path}.weights_file", "is only used with pretrained: true")
+        _check(Path(m.weights_file).expanduser().is_file(), f"{path}.weights_file",
                f"{m.weights_file} not found; point it at a local timm weights file (.safetensors/.pth)")
+
+
+def _validate_model_and_train(cfg: Config) -> None:
+    t = cfg.train
     _check(t.epochs >= 1, "train.epochs", "must be >= 1")
     # the fewest epochs a trial may train; bad search.epochs values are reported by the search's checks
     fewest = min((e for e in trial_epochs(cfg) if _whole(e) and e >= 1), default=t.epochs)
+    _check_model_section(cfg.model, "model", fewest)
     _check(0 <= t.warmup_epochs < fewest, "train.warmup_epochs", "must be >= 0 and below every trial's epochs")
-    _check(m.head_warmup_epochs < fewest, "model.head_warmup_epochs", "must be below every trial's epochs")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
@@ -184,6 +226,26 @@ def _validate_model_and_train(cfg: Config) -> None:
            f"must be one of {', '.join(SELECTION_METRICS)}, or null (search.metric)")
 
 
+def _validate_models(cfg: Config) -> None:
+    from pneumo_ray.models import BASELINES, STUDY_NETWORKS
+
+    fewest = min((e for e in trial_epochs(cfg) if _whole(e) and e >= 1), default=cfg.train.epochs)
+    for label, settings in cfg.models.items():
+        path = f"models.{label}"
+        _check(label in cfg.search.model, path, f"is not in search.model ({', '.join(map(str, cfg.search.model))}); "
+                                                "add it there, or remove this entry")
+        _check(isinstance(settings, dict), path, "expected a mapping such as {arch: resnet18, pretrained: true}")
+        _check(isinstance(settings.get("arch", ""), str), f"{path}.arch", "expected a model name such as resnet18")
+        arch, model, depths = model_variant(cfg, label)
+        _check_model_section(model, path, fewest)
+        _check(not model.head_hidden or arch not in BASELINES + STUDY_NETWORKS, f"{path}.head_hidden",
+               f"a new head is for timm models; {arch} has its own")
+        for k in depths:
+            _check(_whole(k) and k >= 0, f"{path}.freeze_depth", f"freeze depths are whole numbers >= 0, got {k!r}")
+        _check(model.pretrained or "freeze_depth" not in settings, f"{path}.freeze_depth",
+               "freezing only makes sense for pretrained weights; set pretrained: true here or remove it")
+
+
 def _validate_search(cfg: Config) -> None:
     from pneumo_ray.models import check_model_name  # lazy: keeps config importable without torch
 
@@ -191,8 +253,9 @@ def _validate_search(cfg: Config) -> None:
     _check(len(s.model) > 0, "search.model", "needs at least one model name")
     for name in s.model:
         _check(isinstance(name, str), "search.model", f"model names are text, got {name!r}")
-        problem = check_model_name(name)
-        _check(problem is None, "search.model", problem or "")
+        arch = (cfg.models.get(name) or {}).get("arch") or name  # a label with its own architecture
+        problem = check_model_name(arch)
+        _check(problem is None, f"models.{name}.arch" if arch != name else "search.model", problem or "")
     _check_choices(s.optimizer, OPTIMIZERS, "search.optimizer")
     if s.optuna_storage:
         _check(not clear_text_password(s.optuna_storage), "search.optuna_storage",
@@ -210,7 +273,7 @@ def _validate_search(cfg: Config) -> None:
         _check(isinstance(k, int) and not isinstance(k, bool) and k >= 0, "search.freeze_depth",
                f"freeze depths are whole numbers >= 0, got {k!r}")
     _check(len(s.freeze_depth) > 0, "search.freeze_depth", "needs at least one value (0 = train everything)")
-    if not cfg.model.pretrained:
+    if "freeze_depth" not in freeze_dimensions(cfg):  # no pretrained model takes search.freeze_depth
         _check(s.freeze_depth == [0], "search.freeze_depth",
                "freezing only makes sense for pretrained weights; set model.pretrained: true or use [0]")
     for name, (low, high, whole) in {"head_dropout": (0, 0.99, False), "label_smoothing": (0, 0.99, False),
@@ -231,6 +294,10 @@ def _validate_search(cfg: Config) -> None:
     _check(s.num_samples == 1 or bool(dims), "search",
            "every dimension is fixed, so there is nothing to search; give some dimension two or more values")
     if s.sampler == "grid":
+        conditional = sorted(conditional_dimensions(cfg))
+        _check(not conditional, "search.sampler", f"grid needs every searched dimension to apply to every model, but "
+               f"{conditional[0] if conditional else ''} applies only to some (pretrained ones); give it one value, "
+               "or run the grid per model")
         axes = grid_axes(cfg)
         points = math.prod(len(values) for values in axes.values())
         sizes = " x ".join(f"{name} {len(values)}" for name, values in axes.items()) or "every dimension fixed"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,15 @@ def run_main(capsys, *args) -> tuple[int, str]:
     ({"augment__zoom": 1.5}, "augment.zoom: must be in [0, 1)"),
     ({"augment__shear_deg": 95}, "augment.shear_deg: must be in 0..90 degrees"),
     ({"data__resize": "fit"}, "data.resize: unknown value 'fit'; choose from stretch, crop, pad"),
+    ({"models": {"resnet18": {"pretrained": True}}}, "models.resnet18: is not in search.model (cnn_bn, mlp)"),
+    ({"models": {"mlp": {"freeze_depth": [0, 1]}}}, "models.mlp.freeze_depth: freezing only makes sense for pretrained"),
+    ({"models": {"mlp": {"head_hidden": [64]}}}, "models.mlp.head_hidden: a new head is for timm models"),
+    ({"models": {"mlp": {"head_dropout": 1.5}}}, "models.mlp.head_dropout: must be in [0, 1)"),
+    ({"models": {"mlp": {"droput": 0.1}}}, "models.mlp.droput: unknown field"),
+    ({"models": {"mlp": {"arch": "resnet_19"}}}, "models.mlp.arch: unknown model 'resnet_19'"),
+    ({"search__sampler": "grid", "search__num_samples": 64, "search__freeze_depth": [0, 1],
+      "models": {"mlp": {"arch": "resnet18", "pretrained": True}}},
+     "search.sampler: grid needs every searched dimension to apply to every model, but freeze_depth"),
     ({"search__sampler": "bayes"}, "search.sampler: unknown value 'bayes'; choose from tpe, random, grid"),
     ({"search__sampler": "grid", "search__num_samples": 99}, "search.num_samples: sampler: grid has "),
     ({"search__sampler": "grid", "search__lr": []}, "search.lr: with sampler: grid, list the values"),
@@ -225,3 +236,18 @@ def test_predict_rank_and_ensemble_are_exclusive(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["predict", str(tmp_path), "--rank", "2", "--ensemble", "x.png"])
     assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_pretrained_model_without_weights_offline_says_where_to_put_them(tmp_path):
+    """No weights in the (here empty) Hugging Face cache and the Hub unreachable: one line before Ray starts,
+    naming the entry's weights_file, instead of timm's minute of retries in every trial."""
+    cfg = smoke_with(tmp_path, search__model=["r18"], models={"r18": {"arch": "resnet18", "pretrained": True}})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), "--config", str(cfg), "--data", "synthetic",
+                             "--storage", str(tmp_path / "results")], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("pneumo-ray: error: models.r18.weights_file: no pretrained weights")
+    assert "set weights_file: /path/to/resnet18.safetensors" in error[0]
+    assert not (tmp_path / "results").exists()  # stopped before anything was written

@@ -18,9 +18,10 @@ SMOKE = ROOT / "sweeps" / "configs" / "smoke.yaml"
 pytestmark = pytest.mark.slow
 
 
-def inline_config(tmp_path: Path, **search) -> Path:
+def inline_config(tmp_path: Path, models: dict | None = None, **search) -> Path:
     raw = yaml.safe_load(SMOKE.read_text())
     raw["search"].update(search)
+    raw["models"] = models or {}
     raw["resources"] = {"launcher": "inline", "gpus_per_worker": 0}
     path = tmp_path / "inline.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -72,14 +73,18 @@ def test_killed_inline_trial_resumes_from_its_checkpoint(tmp_path, ray_session, 
 
 def test_grid_sweep_trains_each_point_once(tmp_path, ray_address):
     """search.sampler: grid through a real sweep: Tune's OptunaSearch runs the grid's points, two at a time,
-    each once, and the sweep ends cleanly after the last (Optuna's own grid sampler would raise there)."""
-    cfg = inline_config(tmp_path, sampler="grid", model=["cnn_bn"], optimizer=["adamw", "sgd"], lr=[1.0e-3, 1.0e-2],
-                        weight_decay=[1.0e-4], class_weighting=["none"], num_samples=4, asha={"enabled": False})
+    each once, and the sweep ends cleanly after the last (Optuna's own grid sampler would raise there). Its one
+    model is a labelled entry (models.<label>): trained, ranked and re-loaded under its label."""
+    cfg = inline_config(tmp_path, sampler="grid", model=["small_cnn"], optimizer=["adamw", "sgd"],
+                        lr=[1.0e-3, 1.0e-2], weight_decay=[1.0e-4], class_weighting=["none"], num_samples=4,
+                        asha={"enabled": False}, models={"small_cnn": {"arch": "cnn_bn", "head_dropout": 0.0}})
     result = run_cli("--config", str(cfg), "--name", "grid", "--epochs", "1", "--address", ray_address, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     exp = tmp_path / "results" / "grid"
     assert sorted(s for _, s in study_rows(exp)) == ["COMPLETE"] * 4
-    params = [json.loads(p.read_text())["params"] for p in exp.glob("tune_trial_*/checkpoint_*/meta.json")]
-    assert sorted((p["optimizer"], p["lr"]) for p in params) == [
+    metas = [json.loads(p.read_text()) for p in exp.glob("tune_trial_*/checkpoint_*/meta.json")]
+    assert sorted((m["params"]["optimizer"], m["params"]["lr"]) for m in metas) == [
         ("adamw", 1e-3), ("adamw", 1e-2), ("sgd", 1e-3), ("sgd", 1e-2)]
-    assert len(ranked_rows(exp)) == 3  # top_k of the smoke config
+    assert {(m["model"], m["arch"], m["head_dropout"]) for m in metas} == {("small_cnn", "cnn_bn", 0.0)}
+    rows = ranked_rows(exp)
+    assert len(rows) == 3 and {r["model"] for r in rows} == {"small_cnn"}  # top_k of the smoke config

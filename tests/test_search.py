@@ -190,3 +190,35 @@ def test_optional_dimensions_are_searched_only_when_given_and_reach_the_trial():
     assert len(seen) == 4  # every combination came up: they are real dimensions
     assert cfg.train.epochs == 6 and cfg.model.head_dropout == 0.2  # the sweep's own config is untouched
     assert with_trial_params(plain, {"lr": 1e-3}) == plain  # a trial without them trains with the fixed values
+
+
+def test_per_model_settings_search_freeze_depth_only_where_it_means_something():
+    """One sweep ranks a scratch and a pretrained ResNet-18 (models.<label>): each trial's config carries its
+    own model's settings, and only the pretrained one searches freeze depth, over its own values."""
+    from pneumo_ray.search_space import with_trial_params
+    from pneumo_ray.validation import conditional_dimensions, searched_dimensions
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = config.from_dict({"data": {"source": "synthetic"}, "search": {"model": ["resnet18", "r18_pretrained"]},
+                            "models": {"r18_pretrained": {"arch": "resnet18", "pretrained": True, "head_dropout": 0.4,
+                                                          "head_hidden": [64], "freeze_depth": [0, 2]}}},
+                           check=False)
+    assert "r18_pretrained.freeze_depth" in searched_dimensions(cfg)
+    assert conditional_dimensions(cfg) == {"r18_pretrained.freeze_depth"}
+    assert "r18_pretrained.freeze_depth" not in {k for p in stratified_start(cfg) for k in p}  # not for scratch ones
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(16):
+        trial = study.ask()
+        constants = DefineByRun(cfg)(trial)
+        params = {**trial.params, **constants}  # as OptunaSearch merges them
+        mine = with_trial_params(cfg, params).model
+        if params["model"] == "r18_pretrained":
+            assert params["freeze_depth"] == params["r18_pretrained.freeze_depth"] in (0, 2)
+            assert (mine.pretrained, mine.head_dropout, mine.head_hidden) == (True, 0.4, [64])
+        else:
+            assert params["freeze_depth"] == 0 and "r18_pretrained.freeze_depth" not in params
+            assert mine == cfg.model  # the model section as written
+        seen.add((params["model"], params["freeze_depth"]))
+        study.tell(trial, 0.5)
+    assert seen == {("resnet18", 0), ("r18_pretrained", 0), ("r18_pretrained", 2)}

@@ -72,6 +72,39 @@ def test_a_trial_trains_with_the_studies_augmentations_and_keeps_its_normalisati
     assert np.isfinite(session.history[-1]["train_loss"]) and 0 <= session.history[-1]["val_auc"] <= 1
 
 
+def test_per_model_settings_reach_each_model(tmp_path):
+    """Two entries of one sweep: a scratch MLP with its own dropout, and a ResNet-18 from a weights file the test
+    writes itself (timm's real loading path), with a new MLP head and a frozen stem. Each trial builds its own,
+    and its checkpoint rebuilds it (the leaderboard and predict load models from it)."""
+    import timm
+
+    from pneumo_ray.checkpoints import load_model
+
+    torch.manual_seed(0)
+    source = timm.create_model("resnet18", pretrained=False)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), weights)
+    raw = small_cfg(epochs=1).to_dict()
+    raw["search"]["model"] = ["mlp_wide_drop", "r18"]
+    raw["models"] = {"mlp_wide_drop": {"arch": "mlp", "head_dropout": 0.6},
+                     "r18": {"arch": "resnet18", "pretrained": True, "weights_file": str(weights),
+                             "head_hidden": [32], "freeze_depth": [1]}}
+    cfg = config.from_dict(raw)
+    splits = load_splits(cfg.data)
+    for label, checkpoint in (("mlp_wide_drop", tmp_path / "mlp"), ("r18", tmp_path / "r18")):
+        session = LocalSession(threads=1, checkpoint_dir=str(checkpoint))
+        model = fit(cfg, {**PARAMS, "model": label, "freeze_depth": 1 if label == "r18" else 0}, splits, session)
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        assert meta["model"] == label and meta["arch"] == raw["models"][label]["arch"]
+        assert torch.equal(next(iter(load_model(checkpoint, meta).state_dict().values())),
+                           next(iter(model.state_dict().values())))
+    assert [m.p for m in load_model(tmp_path / "mlp", json.loads((tmp_path / "mlp" / "meta.json").read_text())).modules()
+            if isinstance(m, torch.nn.Dropout)] == [0.6, 0.6]
+    assert [type(m).__name__ for m in model.fc] == ["Linear", "ReLU", "Linear"] and model.fc[0].out_features == 32
+    assert torch.allclose(model.conv1.weight, source.conv1.weight.sum(dim=1, keepdim=True))  # frozen: as loaded
+    assert not torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)  # trained
+
+
 class Interrupted(RuntimeError):
     pass
 
