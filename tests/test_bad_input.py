@@ -61,7 +61,8 @@ def run_main(capsys, *args) -> tuple[int, str]:
     ({"augment__shear_deg": 95}, "augment.shear_deg: must be in 0..90 degrees"),
     ({"data__resize": "fit"}, "data.resize: unknown value 'fit'; choose from stretch, crop, pad"),
     ({"models": {"resnet18": {"pretrained": True}}}, "models.resnet18: is not in search.model (cnn_bn, mlp)"),
-    ({"models": {"mlp": {"freeze_depth": [0, 1]}}}, "models.mlp.freeze_depth: freezing only makes sense for pretrained"),
+    ({"models": {"mlp": {"freeze_depth": [0, 1]}}},
+     "models.mlp.freeze_depth: freezing only makes sense for pretrained"),
     ({"models": {"mlp": {"head_hidden": [64]}}}, "models.mlp.head_hidden: a new head is for timm models"),
     ({"models": {"mlp": {"head_dropout": 1.5}}}, "models.mlp.head_dropout: must be in [0, 1)"),
     ({"models": {"mlp": {"droput": 0.1}}}, "models.mlp.droput: unknown field"),
@@ -243,9 +244,9 @@ def test_pretrained_model_without_weights_offline_says_where_to_put_them(tmp_pat
     naming the entry's weights_file, instead of timm's minute of retries in every trial."""
     cfg = smoke_with(tmp_path, search__model=["r18"], models={"r18": {"arch": "resnet18", "pretrained": True}})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), "--config", str(cfg), "--data", "synthetic",
-                             "--storage", str(tmp_path / "results")], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), "--config", str(cfg),
+                             "--data", "synthetic", "--storage", str(tmp_path / "results")],
+                            capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     error = result.stderr.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("pneumo-ray: error: models.r18.weights_file: no pretrained weights")

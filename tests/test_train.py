@@ -98,8 +98,8 @@ def test_per_model_settings_reach_each_model(tmp_path):
         assert meta["model"] == label and meta["arch"] == raw["models"][label]["arch"]
         assert torch.equal(next(iter(load_model(checkpoint, meta).state_dict().values())),
                            next(iter(model.state_dict().values())))
-    assert [m.p for m in load_model(tmp_path / "mlp", json.loads((tmp_path / "mlp" / "meta.json").read_text())).modules()
-            if isinstance(m, torch.nn.Dropout)] == [0.6, 0.6]
+    mlp = load_model(tmp_path / "mlp", json.loads((tmp_path / "mlp" / "meta.json").read_text()))
+    assert [m.p for m in mlp.modules() if isinstance(m, torch.nn.Dropout)] == [0.6, 0.6]
     assert [type(m).__name__ for m in model.fc] == ["Linear", "ReLU", "Linear"] and model.fc[0].out_features == 32
     assert torch.allclose(model.conv1.weight, source.conv1.weight.sum(dim=1, keepdim=True))  # frozen: as loaded
     assert not torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)  # trained
