@@ -1,4 +1,5 @@
-"""``pneumo-ray sweep | leaderboard | report | predict``: argument parsing, and bad input as one line + exit code 2."""
+"""``pneumo-ray sweep | leaderboard | report | predict | lr-find``: argument parsing, and bad input as one line +
+exit code 2."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="re-score a finished experiment's kept trials on test and write "
                             f"leaderboard.* and {REPORT_FILE} again (with the config's leaderboard settings)")
     report.add_argument("experiment", help="experiment folder or URI (<storage>/<name>)")
+
+    lr_find = sub.add_parser("lr-find", help="LR range test for one model: plots the loss against a rising LR "
+                             "and suggests search.lr (in this process, no Ray; train split only)")
+    lr_find.add_argument("--config", default="sweeps/configs/default.yaml", help="sweep YAML (default: %(default)s)")
+    lr_find.add_argument("--data", help="synthetic | npz:PATH | folder:PATH | medmnist:SIZE[:ROOT]")
+    lr_find.add_argument("--model", help="a search.model entry or any model name (default: the first entry)")
+    lr_find.add_argument("--steps", type=_positive_int, default=200, help="training steps (default: %(default)s)")
+    lr_find.add_argument("--out", help="the plot's PNG path (default: lr_find_<model>.png)")
 
     predict = sub.add_parser("predict", help="pneumonia probability and label for PNG/JPEG chest X-rays")
     predict.add_argument("experiment", help="folder of a finished experiment (<storage>/<name>)")
@@ -107,6 +116,29 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"\nTest leaderboard ({prepared.cfg.search.metric} picks the top {prepared.cfg.leaderboard.top_k}):\n")
     print(storage.read_text(storage.join(exp_uri, LEADERBOARD_MD)))
     print(outputs_line(exp_uri))
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from pneumo_ray import config
+    from pneumo_ray.data import load_splits
+    from pneumo_ray.errors import BadArgument
+    from pneumo_ray.models import check_model_name
+
+    cfg = config.load(args.config, parse_data_spec(args.data) if args.data else {})
+    label = args.model or cfg.search.model[0]
+    problem = None if label in cfg.search.model else check_model_name(label)
+    if problem:
+        raise BadArgument(f"--model {label}: {problem}")
+    if args.steps < 20:
+        raise BadArgument(f"--steps {args.steps}: too few to read a trend from; use 100 or more")
+    from pneumo_ray import lr_find  # after the checks: imports torch
+
+    splits = load_splits(cfg.data, cfg.experiment.seed)
+    result = lr_find.range_test(cfg, splits, label, steps=args.steps)
+    out = Path(args.out or f"lr_find_{label}.png")
+    lr_find.plot(result, out)
+    print(lr_find.summary(result, splits, out))
     return 0
 
 
@@ -215,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     show_progress()
     try:
-        commands = {"sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "report": cmd_report, "predict": cmd_predict}
+        commands = {"sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "report": cmd_report, "predict": cmd_predict,
+                    "lr-find": cmd_lr_find}
         return commands[args.command](args)
     except UserError as err:
         print(f"pneumo-ray: error: {err}", file=sys.stderr)

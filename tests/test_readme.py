@@ -10,6 +10,7 @@ import shlex
 import shutil
 
 import pytest
+import yaml
 from PIL import Image
 
 from tests.conftest import readme_commands, run_shell
@@ -57,3 +58,16 @@ def test_a_leaderboard_without_checkpoints_says_where_it_looked(smoke_experiment
     assert "\n" not in error and error.startswith("pneumo-ray: error: ")
     assert f"3 trial(s) reported epochs but no checkpoint was found under {copy}/train_runs" in error
     assert "No trial finished an epoch" not in result.stdout + result.stderr
+
+
+def test_readme_lr_find_runs_as_typed(user_workdir):
+    """The README's LR range test, exactly as printed: its plot lands in the working directory, and the range it
+    prints can be pasted into search.lr."""
+    command = next(c for c in readme_commands() if c.startswith("pneumo-ray lr-find"))
+    result = run_shell(command, cwd=user_workdir, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    suggested = next(line for line in result.stdout.splitlines() if line.startswith("suggested: search.lr: ["))
+    low, high = yaml.safe_load(suggested.split(": ", 2)[2])
+    assert 0 < low < high
+    plot = user_workdir / result.stdout.split("plot: ")[1].split()[0]
+    assert plot.is_file() and Image.open(plot).format == "PNG"
