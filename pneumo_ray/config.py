@@ -32,20 +32,17 @@ class DataConfig:
     size: int = 28
     root: str = "~/.medmnist"  # medmnist: folder holding pneumoniamnist[_SIZE].npz
     path: str | None = None  # npz file, or folder root of the Kaggle layout
-    # folder: decoded, resized images are kept here, keyed by the folder's content and the size, so the next
-    # sweep on the same folder skips decoding; null decodes every time. Never the source of truth.
+    # folder: decoded, resized images, keyed by the folder's content and the size, so the next sweep skips
+    # decoding (null: decode every time). Never the source of truth.
     cache_dir: str | None = "~/.cache/pneumo-ray"
-    # folder: how a non-square image becomes size x size: stretch it, crop its centred square (as MedMNIST made
-    # PneumoniaMNIST), or pad it to a square with black (resize-and-pad, study 001)
-    resize: str = "stretch"
+    resize: str = "stretch"  # folder: non-square to square: stretch, crop (centred square) or pad (black bands)
     min_val_images: int = 50  # folder: a val split smaller than this is carved from train
     val_fraction: float = 0.1
     synthetic_train: int = 512
     synthetic_val: int = 128
     synthetic_test: int = 128
-    # K >= 2: pool the labelled images (train + val) into K stratified folds; each trial trains K fold-models
-    # and is selected on their mean val metric, its threshold and temperature on their out-of-fold
-    # predictions. 0 selects on the val split, as it comes.
+    # K >= 2: pool train + val into K stratified folds; each trial trains K fold-models, is selected on their mean
+    # val metric, its threshold and temperature on their out-of-fold predictions. 0: select on the val split.
     cv_folds: int = 0
 
 
@@ -60,8 +57,7 @@ class AugmentConfig:
     zoom: float = 0.0  # random zoom in or out, x 1 ± zoom (Keras' zoom_range, one factor for both axes)
     brightness: float = 0.0  # brightness jitter, x 1 ± brightness (torchvision's ColorJitter)
     contrast: float = 0.0  # contrast jitter, 1 ± contrast
-    # train: the train split's mean and std; imagenet; half: mean 0.5, std 0.5; none. true/false (configs
-    # written before the choice existed) mean train/none.
+    # train (the train split's mean, std), imagenet, half (0.5, 0.5) or none; true/false (older configs): train/none
     normalize: bool | str = "train"
 
     def __post_init__(self):
@@ -134,12 +130,9 @@ class SearchConfig:
     # Optuna sampler: tpe (model-based), random (the baseline it should beat), or grid (every listed value of
     # every searched dimension, each combination once; lr and weight_decay then list values, not a range).
     sampler: str = "tpe"
-    # TPE samples at random until this many trials have finished. Optuna's default, 10, would leave the
-    # model only 6 of the default sweep's 16 trials.
-    startup_trials: int = 5
-    # The start-up trials take every value of each choice (model, optimizer, batch size, ...) as evenly as their
-    # count allows, instead of at random: five random trials can all draw the same optimizer, and TPE then
-    # rarely tries the other. lr and weight decay stay random. Only with sampler: tpe.
+    startup_trials: int = 5  # TPE's random start-up trials (Optuna's default, 10, is most of a 16-trial sweep)
+    # Start-up trials take each choice's values evenly, not at random (five random trials can all draw one
+    # optimizer, and TPE then rarely tries the other); lr and weight decay stay random. Only with sampler: tpe.
     stratified_start: bool = True
     time_budget_s: float | None = None  # stop starting/running trials after this long; the leaderboard still runs
     asha: AshaConfig = field(default_factory=AshaConfig)
@@ -154,9 +147,8 @@ class ResourcesConfig:
     gpus_per_worker: float | str = "auto"  # auto: 1 when the cluster has GPUs, else 0; 0.25 packs 4 trials a GPU
     max_failures: int = 2  # worker-group restarts per trial, resumed from the last checkpoint
     worker_start_timeout_s: int = 600  # a restarted trial may wait this long for room (a lost node, autoscaling)
-    # train: each trial is a Ray Train TorchTrainer run (DDP, worker restarts). inline: a 1-worker trial
-    # trains in its own Tune trial process, which skips Train's processes and so starts far sooner; Tune
-    # retries it on failure.
+    # train: each trial is a Ray Train TorchTrainer run (DDP, worker restarts). inline: a 1-worker trial trains in
+    # its own Tune trial process, which skips Train's processes and so starts far sooner; Tune retries it.
     launcher: str = "train"
 
 
@@ -226,6 +218,17 @@ def _build(cls, raw: Any, where: str):
     return cls(**kwargs)
 
 
+def _model_entry(raw: Any, path: str) -> dict:
+    """One models.<label> entry: the model section's fields it changes, typed as there, plus arch and freeze_depth."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping such as {{arch: resnet18, pretrained: true}}, got {raw!r}")
+    hints = {**typing.get_type_hints(ModelConfig), "arch": str, "freeze_depth": list}
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}: unknown field; known fields are {', '.join(sorted(hints))}")
+    return {name: _coerce(hints[name], value, f"{path}.{name}") for name, value in raw.items()}
+
+
 def _coerce(hint, value, path: str):
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
@@ -240,10 +243,10 @@ def _coerce(hint, value, path: str):
         base = members[0]
     if base is list:
         return list(value) if isinstance(value, (list, tuple)) else [value]
-    if base is dict:  # models: its entries are checked by validation.py, against the model section's fields
+    if base is dict:  # models: {label: a model section's fields, plus arch and freeze_depth}
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
+        return {label: _model_entry(entry, f"{path}.{label}") for label, entry in value.items()}
     if base is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
@@ -296,10 +299,9 @@ def _absolute_sqlite_url(url: str, base: Path) -> str:
 
 
 def resolve_paths(cfg: Config, base: Path) -> Config:
-    """A copy of ``cfg`` whose every local path (experiment.storage, data.root, data.path, data.cache_dir,
-    model.weights_file, a SQLite search.optuna_storage) is absolute, relative ones taken from ``base``.
-    Bucket URIs (s3://, gs://) stay as they are. Done once, in the driver, so the saved config and every
-    Ray process name the same folder wherever they run."""
+    """``cfg`` with every local path (experiment.storage, data.root, data.path, data.cache_dir, model.weights_file
+    and models.*.weights_file, a SQLite search.optuna_storage) absolute, relative ones taken from ``base``. Bucket
+    URIs stay as they are. Done once, in the driver, so the saved config and every Ray process agree."""
     from pneumo_ray.storage import is_remote
 
     e, d, m, s = cfg.experiment, cfg.data, cfg.model, cfg.search
@@ -312,6 +314,8 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
                                  path=_absolute(d.path, base) if d.path else d.path,
                                  cache_dir=_absolute(d.cache_dir, base) if d.cache_dir else None),
         model=dataclasses.replace(m, weights_file=_absolute(m.weights_file, base) if m.weights_file else None),
+        models={label: {**entry, "weights_file": _absolute(entry["weights_file"], base)} if entry.get("weights_file")
+                else entry for label, entry in cfg.models.items()},
         search=dataclasses.replace(s, optuna_storage=_absolute_sqlite_url(s.optuna_storage, base)
                                    if s.optuna_storage else None),
     )
@@ -343,7 +347,3 @@ def loads(text: str, source: str, overrides: dict | None = None) -> Config:
         node[leaf] = value
     return from_dict(raw)
 
-
-def selection_mode(metric: str) -> str:
-    """Whether the selection metric is better high (``max``) or low (``min``, a loss)."""
-    return "min" if metric.endswith("loss") else "max"

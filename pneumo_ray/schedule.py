@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pneumo_ray.config import Config, selection_mode
+from pneumo_ray.config import Config
+from pneumo_ray.validation import selection_mode
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: Config, is_head: bool, lr: float) -> float:

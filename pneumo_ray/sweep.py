@@ -17,12 +17,12 @@ import yaml
 
 from pneumo_ray import cluster, credentials, storage
 from pneumo_ray import config as config_mod
-from pneumo_ray.config import Config, ConfigError, selection_mode
+from pneumo_ray.config import Config, ConfigError
 from pneumo_ray.data import Splits, load_splits
 from pneumo_ray.errors import StorageFull
 from pneumo_ray.layout import CONFIG_FILE, LEADERBOARD_OUTPUTS, SEARCHER_STATE_GLOB, TUNE_STATE_GLOB, default_study_url
 from pneumo_ray.repeats import run_repeats
-from pneumo_ray.validation import trial_epochs
+from pneumo_ray.validation import selection_mode, trial_epochs
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Callable
 
 from pneumo_ray import storage
 from pneumo_ray.cluster import workers_per_run
-from pneumo_ray.config import Config, selection_mode
+from pneumo_ray.config import Config
 from pneumo_ray.layout import DIVERGED_FILE, TRAIN_RUNS
+from pneumo_ray.validation import selection_mode
 
 if TYPE_CHECKING:
     from torch import nn

@@ -44,12 +44,9 @@ def model_variant(cfg: Config, label: str):
     """search.model entry ``label`` -> (its architecture, its model section, the freeze depths searched for
     it): ``model`` with the fields of ``models.<label>`` changed. Without such an entry: (label, model,
     search.freeze_depth)."""
-    from pneumo_ray.config import ModelConfig, _build  # lazy: config imports this module
-
-    settings = dict(cfg.models.get(label) or {})
+    settings = dict(cfg.models.get(label) or {})  # typed by config.py as it loaded them
     arch, depths = settings.pop("arch", None) or label, settings.pop("freeze_depth", None)
-    model = _build(ModelConfig, {**dataclasses.asdict(cfg.model), **settings}, f"models.{label}") if settings \
-        else cfg.model
+    model = dataclasses.replace(cfg.model, **settings) if settings else cfg.model
     return arch, model, list(depths) if depths is not None else list(cfg.search.freeze_depth)
 
 
@@ -72,6 +69,11 @@ def conditional_dimensions(cfg: Config) -> set[str]:
     searched = set(searched_dimensions(cfg))
     return {name for name, (_, labels) in freeze_dimensions(cfg).items()
             if name in searched and labels != set(cfg.search.model)}
+
+
+def selection_mode(metric: str) -> str:
+    """Whether the selection metric is better high (``max``) or low (``min``, a loss)."""
+    return "min" if metric.endswith("loss") else "max"
 
 
 def searched_dimensions(cfg: Config) -> list[str]:

@@ -28,7 +28,8 @@ def test_relative_paths_are_taken_from_the_working_directory(tmp_path, monkeypat
         "experiment": {"storage": "./results"},
         "data": {"source": "npz", "path": "data/pm.npz", "root": "~/.medmnist"},
         "model": {"pretrained": True, "weights_file": "weights/r18.pth"},
-        "search": {"optuna_storage": "sqlite:///studies/optuna.db"},
+        "models": {"r34": {"arch": "resnet34", "weights_file": "weights/r18.pth"}},
+        "search": {"optuna_storage": "sqlite:///studies/optuna.db", "model": ["resnet18", "r34"]},
     })
 
     cfg = config.loads(text, "cfg.yaml")
@@ -37,7 +38,7 @@ def test_relative_paths_are_taken_from_the_working_directory(tmp_path, monkeypat
     assert cfg.experiment_uri == str(tmp_path / "results" / "pneumo")
     assert cfg.data.path == str(tmp_path / "data" / "pm.npz")
     assert cfg.data.root == str(tmp_path / "home" / ".medmnist")
-    assert cfg.model.weights_file == str(weights)
+    assert cfg.model.weights_file == cfg.models["r34"]["weights_file"] == str(weights)
     assert cfg.search.optuna_storage == f"sqlite:///{tmp_path}/studies/optuna.db"
     # A config that is resolved already (the one saved in an experiment) stays as it is, wherever it is read.
     monkeypatch.chdir(tmp_path / "weights")
