@@ -128,9 +128,12 @@ def _check_log_range(values: list, path: str, grid: bool):
     else:
         _check(len(values) in (1, 2), path, "expected one value or a [low, high] range (or sampler: grid, "
                                             "which takes a list of values)")
+    # Weight decay may be 0 where nothing is drawn on a log scale: fixed ([0]: none, as several studies), or a grid.
+    zero_ok = path == "search.weight_decay" and (grid or values == [0])
     for v in values:
-        _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, path,
-               f"values must be positive numbers (searched on a log scale), got {v!r}")
+        _check(isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 or (zero_ok and v == 0)), path,
+               f"values must be positive numbers (searched on a log scale), got {v!r}"
+               + ("; [0] turns weight decay off" if path == "search.weight_decay" else ""))
     _check(grid or values[0] <= values[-1], path, f"low {values[0]} is above high {values[-1]}")
 
 

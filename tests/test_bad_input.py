@@ -42,6 +42,8 @@ def run_main(capsys, *args) -> tuple[int, str]:
     ({"model__init": "xavier_uniform", "model__pretrained": True}, "model.init: re-initialising would discard"),
     ({"search__lr": [0.1, 0.001]}, "search.lr: low 0.1 is above high 0.001"),
     ({"search__lr": [-1, 0.1]}, "search.lr: values must be positive"),
+    ({"search__weight_decay": [0, 0.1]}, "search.weight_decay: values must be positive numbers (searched on a log "
+                                         "scale), got 0; [0] turns weight decay off"),
     ({"search__batch_size": [64.5]}, "search.batch_size: batch sizes are whole numbers"),
     ({"search__class_weighting": ["focal"]}, "search.class_weighting: unknown value 'focal'"),
     ({"search__freeze_depth": [0, 2]}, "search.freeze_depth: freezing only makes sense for pretrained"),

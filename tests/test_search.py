@@ -160,6 +160,9 @@ def test_grid_needs_num_samples_to_match_its_points():
     with pytest.raises(config.ConfigError, match="search.lr: low"):
         grid_config(sampler="tpe", lr=[1e-2, 1e-3], num_samples=8)  # a range elsewhere
     assert grid_config(lr=[1e-2, 1e-3, 1e-4]).search.lr == [1e-2, 1e-3, 1e-4]  # a grid lists values in any order
+    assert grid_config(weight_decay=[0, 1e-4], num_samples=24).search.weight_decay == [0, 1e-4]  # no decay: a point
+    fixed = config.from_dict({"data": {"source": "synthetic"}, "search": {"weight_decay": [0]}})
+    assert DefineByRun(fixed)(optuna.create_study().ask())["weight_decay"] == 0.0  # off, as study 000 trained
 
 
 def test_optional_dimensions_are_searched_only_when_given_and_reach_the_trial():
