@@ -26,6 +26,36 @@ def normalization(rule: str, splits) -> tuple[float, float]:
     return splits.train_mean_std() if rule == "train" else FIXED_NORMALIZATION[rule]
 
 
+def resize_images(images_u8, size: int):
+    """uint8 N x H x W -> N x size x size, bilinear with antialiasing (as PIL resizes), in chunks so a large
+    split never needs a float copy of itself at once. The same images as numpy, at another size."""
+    import numpy as np
+
+    if images_u8.shape[-1] == size:
+        return images_u8
+    out = np.empty((len(images_u8), size, size), np.uint8)
+    for i in range(0, len(images_u8), 256):
+        x = torch.from_numpy(np.ascontiguousarray(images_u8[i:i + 256])).unsqueeze(1).float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[i:i + 256] = x.round_().clamp_(0, 255).squeeze(1).to(torch.uint8).numpy()
+    return out
+
+
+def resized_splits(splits, size: int):
+    """``splits`` at ``size`` px, for a search.model entry with its own size (models.<label>.size): the sweep
+    loads its data once, at the largest size any model wants, and each model's images are made from those.
+    Kept on the instance, so a process resizes each size once."""
+    import dataclasses
+
+    if splits.image_size == size:
+        return splits
+    cache = splits.__dict__.setdefault("_resized", {})
+    if size not in cache:
+        cache[size] = dataclasses.replace(splits, **{f"{name}_x": resize_images(getattr(splits, f"{name}_x"), size)
+                                                     for name in ("train", "val", "test")})
+    return cache[size]
+
+
 def to_float(images_u8: torch.Tensor, mean: float, std: float, normalize: bool) -> torch.Tensor:
     """uint8 B x H x W -> float B x 1 x H x W, scaled to [0, 1] and optionally standardised."""
     x = images_u8.unsqueeze(1).float().div_(255.0)

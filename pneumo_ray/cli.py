@@ -121,9 +121,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from pneumo_ray import config
-    from pneumo_ray.data import load_splits
     from pneumo_ray.errors import BadArgument
     from pneumo_ray.models import check_model_name
+    from pneumo_ray.sweep import load_sweep_splits
 
     cfg = config.load(args.config, parse_data_spec(args.data) if args.data else {})
     label = args.model or cfg.search.model[0]
@@ -134,7 +134,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         raise BadArgument(f"--steps {args.steps}: too few to read a trend from; use 100 or more")
     from pneumo_ray import lr_find  # after the checks: imports torch
 
-    splits = load_splits(cfg.data, cfg.experiment.seed)
+    splits = load_sweep_splits(cfg)
     result = lr_find.range_test(cfg, splits, label, steps=args.steps)
     out = Path(args.out or f"lr_find_{label}.png")
     lr_find.plot(result, out)
@@ -197,10 +197,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pneumo_ray import config, storage
-    from pneumo_ray.data import load_splits
     from pneumo_ray.errors import BadArgument
     from pneumo_ray.layout import CONFIG_FILE, LEADERBOARD_JSON, LEADERBOARD_MD
-    from pneumo_ray.sweep import finish
+    from pneumo_ray.sweep import finish, load_sweep_splits
 
     where = experiment_location(args.experiment)
     if not storage.exists(storage.join(where, LEADERBOARD_JSON)):
@@ -209,7 +208,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     saved = storage.join(where, CONFIG_FILE)
     with reading_experiment(where):
         cfg = config.loads(storage.read_text(saved), saved)
-        splits = load_splits(cfg.data, cfg.experiment.seed)  # the same data the sweep used (checked like a sweep's)
+        splits = load_sweep_splits(cfg)  # the same data the sweep used (checked like a sweep's)
         finish(storage.mirror(where), where, cfg, splits)
     print(storage.read_text(storage.join(where, LEADERBOARD_MD)))
     print(f"Report: {storage.join(where, REPORT_FILE)}")

@@ -177,7 +177,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    # Per-model settings, by search.model entry: {label: {arch, freeze_depth, and any `model` field}}. A label
+    # Per-model settings, by search.model entry: {label: {arch, freeze_depth, size, any `model` field}}. A label
     # trains as `model` with these fields changed, so one sweep can rank scratch and pretrained variants.
     models: dict = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -219,10 +219,11 @@ def _build(cls, raw: Any, where: str):
 
 
 def _model_entry(raw: Any, path: str) -> dict:
-    """One models.<label> entry: the model section's fields it changes, typed as there, plus arch and freeze_depth."""
+    """One models.<label> entry: the model section's fields it changes, typed as there, plus arch, freeze_depth
+    and size."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping such as {{arch: resnet18, pretrained: true}}, got {raw!r}")
-    hints = {**typing.get_type_hints(ModelConfig), "arch": str, "freeze_depth": list}
+    hints = {**typing.get_type_hints(ModelConfig), "arch": str, "freeze_depth": list, "size": int}
     unknown = sorted(set(raw) - set(hints))
     if unknown:
         raise ConfigError(f"{path}.{unknown[0]}: unknown field; known fields are {', '.join(sorted(hints))}")
@@ -243,7 +244,7 @@ def _coerce(hint, value, path: str):
         base = members[0]
     if base is list:
         return list(value) if isinstance(value, (list, tuple)) else [value]
-    if base is dict:  # models: {label: a model section's fields, plus arch and freeze_depth}
+    if base is dict:  # models: {label: a model section's fields, plus arch, freeze_depth and size}
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return {label: _model_entry(entry, f"{path}.{label}") for label, entry in value.items()}

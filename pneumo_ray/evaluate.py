@@ -60,7 +60,11 @@ def selection_labels(splits: Splits) -> np.ndarray:
 def member_margins(members: list[tuple[torch.nn.Module, dict]], splits: Splits, cfg: Config,
                    ) -> tuple[np.ndarray, list[np.ndarray]]:
     """A ranked trial's logit margins: on val (under CV: each pooled image by the fold-model that did not
-    train on it), and on test by each of its models."""
+    train on it), and on test by each of its models; on the images at the size the trial trained at."""
+    from pneumo_ray.augment import resized_splits
+
+    splits = resized_splits(splits, members[0][1]["image_size"])
+
     def margins(model, meta, images):
         return predict_margin(model, images, meta["mean"], meta["std"], meta["normalize"], torch.device("cpu"),
                               cfg.train.eval_batch_size, cfg.leaderboard.flip_tta)

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pneumo_ray.augment import normalization, train_batch
+from pneumo_ray.augment import normalization, resized_splits, train_batch
 from pneumo_ray.config import Config
 from pneumo_ray.data import Splits
+from pneumo_ray.model_settings import model_variant, trains_at
 from pneumo_ray.search_space import with_trial_params
 from pneumo_ray.train import LocalSession, build_run, class_weights, epoch_indices
-from pneumo_ray.validation import model_variant
 
 SMOOTHING = 0.98  # the loss's exponential moving average: one batch's loss is too noisy to read a trend from
 DIVERGED = 4.0  # the test stops once the smoothed loss is this many times its lowest
@@ -65,6 +65,7 @@ def range_test(cfg: Config, splits: Splits, label: str, steps: int = 200, start:
                end: float = 10.0, threads: int | None = None) -> RangeTest:
     params = trial_params(cfg, label)
     cfg = with_trial_params(cfg, params)
+    splits = resized_splits(splits, trains_at(cfg, label, splits.image_size))
     session = LocalSession(threads=threads or torch.get_num_threads())
     torch.set_num_threads(session.threads)
     run = build_run(cfg, params, splits, session)

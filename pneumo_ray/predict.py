@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from scipy.special import expit
 
+from pneumo_ray.augment import resize_images
 from pneumo_ray.checkpoints import load_ranked
 from pneumo_ray.data import CLASS_NAMES, read_gray
 from pneumo_ray.errors import BadArgument
@@ -42,20 +43,28 @@ class Predictor:
 
     @property
     def image_size(self) -> int:
-        return int(self.members[0].meta["image_size"])
+        """Files are read at the largest size a member trained at; a smaller member gets them resized, as the
+        sweep made its images (models.<label>.size)."""
+        return max(int(m.meta["image_size"]) for m in self.members)
 
     def probabilities(self, images_u8: np.ndarray) -> np.ndarray:
         """The pneumonia probability per image: a model's, or the ensemble's mean of its members'."""
-        return np.mean([expit(predict_margin(m.model, images_u8, m.meta["mean"], m.meta["std"], m.meta["normalize"],
-                                             torch.device("cpu"), flip_tta=self.flip_tta) / m.temperature)
+        return np.mean([expit(predict_margin(m.model, resize_images(images_u8, m.meta["image_size"]), m.meta["mean"],
+                                             m.meta["std"], m.meta["normalize"], torch.device("cpu"),
+                                             flip_tta=self.flip_tta) / m.temperature)
                         for m in self.members], axis=0)
 
     def heatmaps(self, images_u8: np.ndarray) -> np.ndarray | None:
-        """Grad-CAM for pneumonia, averaged over the members that have a feature map (None if none has)."""
+        """Grad-CAM for pneumonia, averaged over the members that have a feature map (None if none has), each
+        computed at its member's size and brought to the images' size."""
         from pneumo_ray.explain import grad_cam
 
-        maps = [grad_cam(m.model, images_u8, m.meta["mean"], m.meta["std"], m.meta["normalize"]) for m in self.members]
-        maps = [h for h in maps if h is not None]
+        side = images_u8.shape[-1]
+        maps = [grad_cam(m.model, resize_images(images_u8, m.meta["image_size"]), m.meta["mean"], m.meta["std"],
+                         m.meta["normalize"]) for m in self.members]
+        maps = [torch.nn.functional.interpolate(torch.from_numpy(h).float()[:, None], size=(side, side),
+                                                mode="bilinear", align_corners=False)[:, 0].numpy()
+                for h in maps if h is not None]
         return np.mean(maps, axis=0) if maps else None
 
 

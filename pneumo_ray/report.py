@@ -211,17 +211,19 @@ def search_section(cfg: Config, exp_dir: Path, seed: int) -> str:
 
 
 def gradcam_section(exp_dir: Path, rows: list[dict], preds, splits: Splits, count: int, seed: int) -> str:
+    from pneumo_ray.augment import resized_splits
     from pneumo_ray.explain import cam_layer, grad_cam, overlay
 
     out = ["<h2>Grad-CAM (test images)</h2>"]
     for r in trial_rows(rows):  # the best-ranked model that has a feature map to explain
         members = load_ranked(exp_dir, r)  # one model, or a cross-validated trial's fold-models
-        if cam_layer(members[0][0], splits.image_size) is not None:
+        if cam_layer(members[0][0], members[0][1]["image_size"]) is not None:
             break
     else:
         return out[0] + '<p class="note">No ranked model has a convolutional feature map (e.g. mlp): no Grad-CAM.</p>'
 
     y, prob = splits.test_y, preds[f"test_{r['row']}"]
+    test_x = resized_splits(splits, members[0][1]["image_size"]).test_x  # as the model saw them (models.<label>.size)
     pred = (prob >= r["threshold"]).astype(int)
     rng = np.random.default_rng(seed)
     sample = np.concatenate([rng.choice(np.flatnonzero(y == c), size=min(count // 2 + c * (count % 2),
@@ -236,13 +238,13 @@ def gradcam_section(exp_dir: Path, rows: list[dict], preds, splits: Splits, coun
         if len(idx) == 0:
             out.append(f"<h3>{title}</h3><p class='note'>none</p>")
             continue
-        heat = np.mean([grad_cam(model, splits.test_x[idx], meta["mean"], meta["std"], meta["normalize"])
+        heat = np.mean([grad_cam(model, test_x[idx], meta["mean"], meta["std"], meta["normalize"])
                         for model, meta in members], axis=0)
         cols = min(len(idx), 8)
         fig = Figure(figsize=(1.7 * cols, 2.1 * ((len(idx) + cols - 1) // cols)), layout="constrained")
         axes = np.atleast_1d(fig.subplots((len(idx) + cols - 1) // cols, cols)).ravel()
         for ax, i, h in zip(axes, idx, heat):
-            ax.imshow(overlay(splits.test_x[i], h, side=112))
+            ax.imshow(overlay(test_x[i], h, side=112))
             ax.set_title(f"true {CLASS_NAMES[y[i]]}\np={prob[i]:.2f} -> {CLASS_NAMES[pred[i]]}", fontsize=8,
                          color="black" if pred[i] == y[i] else "firebrick")
         for ax in axes:

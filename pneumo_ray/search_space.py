@@ -15,15 +15,8 @@ import warnings
 import optuna
 
 from pneumo_ray.config import Config
-from pneumo_ray.validation import (
-    OPTIONAL_DIMENSIONS,
-    RANGES,
-    conditional_dimensions,
-    freeze_dimensions,
-    grid_axes,
-    model_variant,
-    searched_dimensions,
-)
+from pneumo_ray.model_settings import freeze_dimensions, model_variant
+from pneumo_ray.validation import OPTIONAL_DIMENSIONS, RANGES, conditional_dimensions, grid_axes, searched_dimensions
 
 
 class DefineByRun:

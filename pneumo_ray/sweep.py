@@ -65,7 +65,7 @@ def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
                           "pass --resume to continue it or --name NEW to start another (nothing was overwritten)")
     if cfg.search.optuna_storage:
         check_study_storage(cfg.search.optuna_storage)
-    splits = load_splits(cfg.data, cfg.experiment.seed)
+    splits = load_sweep_splits(cfg)
     if local:
         cluster.check_fits_here(cfg)
     reserve = storage_reserve(cfg, check_models(cfg, splits.image_size))
@@ -75,6 +75,13 @@ def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
     if local:  # last: whatever is wrong with the input is said first
         cluster.check_no_other_ray()
     return Prepared(cfg, splits, resume, reserve)
+
+
+def load_sweep_splits(cfg: Config) -> Splits:
+    """The sweep's data, at the largest size any of its models trains at (models.<label>.size)."""
+    from pneumo_ray.model_settings import loaded_size
+
+    return load_splits(dataclasses.replace(cfg.data, size=loaded_size(cfg)), cfg.experiment.seed)
 
 
 def storage_reserve(cfg: Config, model_bytes: int) -> int:
@@ -160,18 +167,19 @@ def check_study_storage(reference: str) -> None:
                           f"{message}); check the URL and that the database runs") from None
 
 
-def check_models(cfg: Config, image_size: int) -> int:
-    """Build every searched model once and run a tiny batch through it, so a model that cannot take
-    this image size or freeze depth fails now rather than as a failed trial an hour in. Returns the
-    largest model's weights in bytes (what its checkpoints are sized by)."""
+def check_models(cfg: Config, data_size: int) -> int:
+    """Build every searched model once and run a tiny batch through it, so a model that cannot take its
+    image size (its own, or the data's) or freeze depth fails now rather than as a failed trial an hour in.
+    Returns the largest model's weights in bytes (what its checkpoints are sized by)."""
     import torch
 
+    from pneumo_ray.model_settings import model_variant, trains_at
     from pneumo_ray.models import build_model, max_freeze_depth, offline_weights_problem
-    from pneumo_ray.validation import model_variant
 
     largest = 0
     for name in dict.fromkeys(cfg.search.model):
         arch, m, depths = model_variant(cfg, name)
+        image_size = trains_at(cfg, name, data_size)
         section = f"models.{name}" if name in cfg.models else "model"
         problem = m.pretrained and not m.weights_file and offline_weights_problem(arch)
         if problem:

@@ -25,16 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumo_ray.augment import normalization, train_batch
+from pneumo_ray.augment import normalization, resized_splits, train_batch
 from pneumo_ray.checkpoints import restore, write_trial_checkpoint
 from pneumo_ray.config import Config
 from pneumo_ray.data import Splits
 from pneumo_ray.evaluate import evaluate
 from pneumo_ray.layout import META_FILE, STATE_FILE, fold_dir_name
+from pneumo_ray.model_settings import model_variant, trains_at
 from pneumo_ray.models import build_model, freeze, head_prefix, init_weights, is_head_param, set_train_mode, unwrap
 from pneumo_ray.schedule import Monitor, lr_factor, monitor_for, monitored_metric, watches
 from pneumo_ray.search_space import with_trial_params
-from pneumo_ray.validation import model_variant
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +206,8 @@ class Run:
 
 def build_run(cfg: Config, params: dict, splits: Splits, session) -> Run:
     """The model, its optimizer, LR schedule and grad scaler, from scratch."""
-    seed = cfg.experiment.seed
+    seed, m = cfg.experiment.seed, cfg.model  # m: the trial's model's own settings (with_trial_params)
     torch.manual_seed(seed)  # same init on every rank; DDP also broadcasts rank 0's weights
-    m = cfg.model  # the trial's model's own settings (with_trial_params)
     model = build_model(model_variant(cfg, params["model"])[0], splits.image_size, head_dropout=m.head_dropout,
                         pretrained=m.pretrained, weights_file=m.weights_file, head_hidden=m.head_hidden)
     if m.init != "default" and not m.pretrained:
@@ -265,6 +264,7 @@ def fit(cfg: Config, params: dict, splits: Splits, session) -> nn.Module:
     the report carries the mean and sd over all folds, and the checkpoint is written to its fold's folder."""
     torch.set_num_threads(session.threads)  # the trial's CPU share, so concurrent trials don't oversubscribe
     cfg = with_trial_params(cfg, params)  # the optional dimensions this trial searched, in their fields
+    splits = resized_splits(splits, trains_at(cfg, params["model"], splits.image_size))  # models.<label>.size
     folded = session.fold is not None
     if folded:
         splits = splits.fold(session.fold)

@@ -7,7 +7,6 @@ and say how to fix it. This module reads the tree but does not import it, so ``c
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pneumo_ray.credentials import clear_text_password
 from pneumo_ray.errors import ConfigError
+from pneumo_ray.model_settings import freeze_dimensions, loaded_size, model_variant, own_size
 
 if TYPE_CHECKING:
     from pneumo_ray.config import Config
@@ -38,30 +38,6 @@ RANGES = ("lr", "weight_decay")
 OPTIONAL_DIMENSIONS = {"head_dropout": ("model", "head_dropout"), "label_smoothing": ("train", "label_smoothing"),
                        "rotation_deg": ("augment", "rotation_deg"), "crop_scale": ("augment", "crop_scale"),
                        "epochs": ("train", "epochs")}
-
-
-def model_variant(cfg: Config, label: str):
-    """search.model entry ``label`` -> (its architecture, its model section, the freeze depths searched for
-    it): ``model`` with the fields of ``models.<label>`` changed. Without such an entry: (label, model,
-    search.freeze_depth)."""
-    settings = dict(cfg.models.get(label) or {})  # typed by config.py as it loaded them
-    arch, depths = settings.pop("arch", None) or label, settings.pop("freeze_depth", None)
-    model = dataclasses.replace(cfg.model, **settings) if settings else cfg.model
-    return arch, model, list(depths) if depths is not None else list(cfg.search.freeze_depth)
-
-
-def freeze_dimensions(cfg: Config) -> dict[str, tuple[list, set]]:
-    """Freeze depth's search dimensions -> (their values, the search.model entries that have them). Only
-    pretrained models freeze: those that take search.freeze_depth share the dimension ``freeze_depth``; one
-    with its own list (models.<label>.freeze_depth) has its own, ``<label>.freeze_depth``, as Optuna wants one
-    set of choices per parameter."""
-    dims: dict[str, tuple[list, set]] = {}
-    for label in dict.fromkeys(cfg.search.model):
-        _, model, depths = model_variant(cfg, label)
-        if model.pretrained:
-            own = "freeze_depth" in (cfg.models.get(label) or {})
-            dims.setdefault(f"{label}.freeze_depth" if own else "freeze_depth", (depths, set()))[1].add(label)
-    return dims
 
 
 def conditional_dimensions(cfg: Config) -> set[str]:
@@ -249,6 +225,11 @@ def _validate_models(cfg: Config) -> None:
             _check(_whole(k) and k >= 0, f"{path}.freeze_depth", f"freeze depths are whole numbers >= 0, got {k!r}")
         _check(model.pretrained or "freeze_depth" not in settings, f"{path}.freeze_depth",
                "freezing only makes sense for pretrained weights; set pretrained: true here or remove it")
+        _check(8 <= (own_size(cfg, label) or cfg.data.size) <= 1024, f"{path}.size",
+               "image side in pixels must be 8..1024")
+    if cfg.data.source == "medmnist" and cfg.models:
+        _check(loaded_size(cfg) in MEDMNIST_SIZES, "models", f"the largest size, {loaded_size(cfg)} px, is what "
+               f"PneumoniaMNIST is loaded at: it must be one of {MEDMNIST_SIZES}")
 
 
 def _validate_search(cfg: Config) -> None:

@@ -97,9 +97,9 @@ def test_the_field_reference_lists_every_field_with_its_default():
         elif section and (cells := re.match(r"\| `([a-z_]+)` \| `([^`]*)` \|", line)):
             documented[f"{section}.{cells[1]}"] = yaml.safe_load(cells[2])
 
-    # models.<label> takes any field of model (documented there) and two of its own, which default to the label
-    # itself and to search.freeze_depth
-    defaults = {"models.arch": None, "models.freeze_depth": None}
+    # models.<label> takes any field of model (documented there) and three of its own, which default to the label
+    # itself, search.freeze_depth and data.size
+    defaults = {"models.arch": None, "models.freeze_depth": None, "models.size": None}
     for part in dataclasses.fields(config.Config):
         value = getattr(config.Config(), part.name)
         if part.name == "models":

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from pneumo_ray import config
-from pneumo_ray.augment import augment_batch, normalization, to_float, train_batch
+from pneumo_ray.augment import augment_batch, normalization, resize_images, resized_splits, to_float, train_batch
 from pneumo_ray.config import AugmentConfig, DataConfig
 from pneumo_ray.data import load_splits, read_gray
 from tests.conftest import SHARED_NPZ, write_npz
@@ -236,3 +236,22 @@ def test_read_gray_scales_16_bit_images_and_center_crops(tmp_path):
     Image.fromarray(np.full((40, 120), 255, np.uint8)).save(path)
     padded = read_gray(path, 20, "pad")
     assert padded[:6].max() == 0 and padded[13:].max() == 0 and padded[7:12].min() == 255
+
+
+def test_a_models_own_size_is_made_from_the_loaded_images_and_kept_per_process():
+    """models.<label>.size: the sweep loads once, at the largest size, and each smaller model's images are made
+    from those (antialiased), every split and the CV folds carried over; each size is made once per process."""
+    cfg = DataConfig(source="synthetic", size=64, synthetic_train=40, synthetic_val=20, synthetic_test=20, cv_folds=2)
+    splits = load_splits(cfg, seed=0)
+    small = resized_splits(splits, 32)
+    assert small.image_size == 32 and resized_splits(splits, 32) is small and resized_splits(splits, 64) is splits
+    for name in ("train", "val", "test"):
+        x, y = small.split(name)
+        assert x.dtype == np.uint8 and x.shape == (len(splits.split(name)[1]), 32, 32)
+        np.testing.assert_array_equal(y, splits.split(name)[1])
+    np.testing.assert_array_equal(small.folds, splits.folds)
+    # as PIL resizes (bilinear, antialiased), which is how the folder source makes its images from files
+    pil = np.stack([np.asarray(Image.fromarray(x).resize((32, 32), Image.BILINEAR)) for x in splits.test_x])
+    assert np.abs(small.test_x.astype(int) - pil).max() <= 1
+    flat = np.full((3, 50, 50), 77, np.uint8)
+    assert (resize_images(flat, 20) == 77).all() and resize_images(flat, 50) is flat

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -71,20 +72,34 @@ def test_killed_inline_trial_resumes_from_its_checkpoint(tmp_path, ray_session, 
     print(f"\n[inline fault] trial killed after epoch {killed_after}; reported epochs {epochs}")
 
 
-def test_grid_sweep_trains_each_point_once(tmp_path, ray_address):
+def test_grid_sweep_trains_each_point_once_with_each_model_at_its_own_size(tmp_path, ray_address):
     """search.sampler: grid through a real sweep: Tune's OptunaSearch runs the grid's points, two at a time,
-    each once, and the sweep ends cleanly after the last (Optuna's own grid sampler would raise there). Its one
-    model is a labelled entry (models.<label>): trained, ranked and re-loaded under its label."""
-    cfg = inline_config(tmp_path, sampler="grid", model=["small_cnn"], optimizer=["adamw", "sgd"],
-                        lr=[1.0e-3, 1.0e-2], weight_decay=[1.0e-4], class_weighting=["none"], num_samples=4,
-                        asha={"enabled": False}, models={"small_cnn": {"arch": "cnn_bn", "head_dropout": 0.0}})
+    each once, and the sweep ends cleanly after the last (Optuna's own grid sampler would raise there). One model
+    is a labelled entry (models.<label>) at its own image size: trained, ranked, scored, ensembled with the other
+    size and used by predict, each at the size it trained at."""
+    cfg = inline_config(tmp_path, sampler="grid", model=["small_cnn", "mlp"], optimizer=["adamw", "sgd"],
+                        lr=[1.0e-3], weight_decay=[1.0e-4], class_weighting=["none"], num_samples=4,
+                        asha={"enabled": False},
+                        models={"small_cnn": {"arch": "cnn_bn", "head_dropout": 0.0, "size": 40}})
     result = run_cli("--config", str(cfg), "--name", "grid", "--epochs", "1", "--address", ray_address, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     exp = tmp_path / "results" / "grid"
     assert sorted(s for _, s in study_rows(exp)) == ["COMPLETE"] * 4
     metas = [json.loads(p.read_text()) for p in exp.glob("tune_trial_*/checkpoint_*/meta.json")]
-    assert sorted((m["params"]["optimizer"], m["params"]["lr"]) for m in metas) == [
-        ("adamw", 1e-3), ("adamw", 1e-2), ("sgd", 1e-3), ("sgd", 1e-2)]
-    assert {(m["model"], m["arch"], m["head_dropout"]) for m in metas} == {("small_cnn", "cnn_bn", 0.0)}
-    rows = ranked_rows(exp)
-    assert len(rows) == 3 and {r["model"] for r in rows} == {"small_cnn"}  # top_k of the smoke config
+    assert sorted((m["model"], m["params"]["optimizer"]) for m in metas) == [
+        ("mlp", "adamw"), ("mlp", "sgd"), ("small_cnn", "adamw"), ("small_cnn", "sgd")]
+    # the data loads at the largest size (40 px); mlp trains at data.size (the smoke config's 28), made from those
+    assert {(m["model"], m["arch"], m["image_size"]) for m in metas} == {("small_cnn", "cnn_bn", 40),
+                                                                         ("mlp", "mlp", 28)}
+    assert {m["head_dropout"] for m in metas if m["model"] == "small_cnn"} == {0.0}
+    board = json.loads((exp / "leaderboard.json").read_text())
+    assert len(board) == 4 and board[-1]["row"] == "ensemble" and all(0 <= r["test_auc"] <= 1 for r in board)
+
+    from PIL import Image
+
+    from pneumo_ray import predict
+
+    image = tmp_path / "xray.png"
+    Image.fromarray(np.full((90, 70), 120, np.uint8)).save(image)
+    lines, errors = predict.run(exp, [str(image)], ensemble=True)  # members at 40 and 28 px
+    assert not errors and 0 <= float(lines[-1].split("\t")[1]) <= 1

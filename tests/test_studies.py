@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pneumo_ray import config
-from pneumo_ray.validation import model_variant
+from pneumo_ray.model_settings import model_variant
 from tests.conftest import ROOT, ranked_rows, run_cli
 
 STUDIES = ROOT / "sweeps" / "configs" / "studies"

@@ -86,7 +86,7 @@ def test_per_model_settings_reach_each_model(tmp_path):
     torch.save(source.state_dict(), weights)
     raw = small_cfg(epochs=1).to_dict()
     raw["search"]["model"] = ["mlp_wide_drop", "r18"]
-    raw["models"] = {"mlp_wide_drop": {"arch": "mlp", "head_dropout": 0.6},
+    raw["models"] = {"mlp_wide_drop": {"arch": "mlp", "head_dropout": 0.6, "size": 20},
                      "r18": {"arch": "resnet18", "pretrained": True, "weights_file": str(weights),
                              "head_hidden": [32], "freeze_depth": [1]}}
     cfg = config.from_dict(raw)
@@ -96,6 +96,7 @@ def test_per_model_settings_reach_each_model(tmp_path):
         model = fit(cfg, {**PARAMS, "model": label, "freeze_depth": 1 if label == "r18" else 0}, splits, session)
         meta = json.loads((checkpoint / "meta.json").read_text())
         assert meta["model"] == label and meta["arch"] == raw["models"][label]["arch"]
+        assert meta["image_size"] == (20 if label == "mlp_wide_drop" else 28)  # its own size, else data.size
         assert torch.equal(next(iter(load_model(checkpoint, meta).state_dict().values())),
                            next(iter(model.state_dict().values())))
     mlp = load_model(tmp_path / "mlp", json.loads((tmp_path / "mlp" / "meta.json").read_text()))
@@ -379,7 +380,7 @@ def ddp_probe_worker(loop_config: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [2])  # one worker under Ray Train: every sweep test's trials
 def test_loss_falls_under_ray_train(ray_session, tmp_path, workers):
     import ray.train
     from ray.train.v2.api.callback import UserCallback
