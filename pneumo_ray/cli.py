@@ -132,6 +132,13 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         raise BadArgument(f"--model {label}: {problem}")
     if args.steps < 20:
         raise BadArgument(f"--steps {args.steps}: too few to read a trend from; use 100 or more")
+    from pneumo_ray.model_settings import model_variant
+    from pneumo_ray.models import offline_weights_problem
+
+    arch, model, _ = model_variant(cfg, label)
+    problem = model.pretrained and not model.weights_file and offline_weights_problem(arch)
+    if problem:
+        raise BadArgument(f"{f'models.{label}' if label in cfg.models else 'model'}.weights_file: {problem}")
     from pneumo_ray import lr_find  # after the checks: imports torch
 
     splits = load_sweep_splits(cfg)

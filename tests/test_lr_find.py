@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -61,3 +64,14 @@ def test_lr_find_bad_arguments_are_one_line_errors(capsys, args, expected):
     assert cli.main(["lr-find", "--config", str(SMOKE), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and "\n" not in err
+
+
+def test_lr_find_on_a_pretrained_model_without_weights_says_where_to_put_them(tmp_path):
+    """As the sweep does, before anything trains: no minute of timm retrying the Hub, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-m", "pneumo_ray.cli", "lr-find", "--config",
+                             str(ROOT / "sweeps" / "configs" / "studies" / "study003c.yaml"), "--data", "synthetic"],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
+    assert result.stderr.startswith("pneumo-ray: error: model.weights_file: no pretrained weights for resnet50")
