@@ -21,9 +21,33 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """``--set section.field=VALUE``: VALUE is read as YAML, so numbers, booleans, lists and null work as in
+    the config file; what the field accepts is the config's validation to say."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not all(part.isidentifier() for part in key.split(".")) or "." not in key:
+        raise argparse.ArgumentTypeError(f"expected section.field=VALUE, such as train.epochs=3, got {text!r}")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a YAML value") from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pneumo-ray")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumo-ray", description="Distributed hyperparameter sweeps for "
                                      "pneumonia classification on chest X-rays (Ray Train + Tune + Optuna).")
+    parser.add_argument("--version", action="version", version=f"pneumo-ray {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sweep = sub.add_parser("sweep", help="run or resume a sweep, then write the test leaderboard")
@@ -35,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--epochs", type=_positive_int, help="epochs per trial (train.epochs)")
     sweep.add_argument("--address", help="join a running Ray cluster (e.g. auto, or HOST:PORT); default: local Ray")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted experiment of this name")
+    sweep.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                       help="any config field, e.g. --set search.sampler=grid --set search.lr=[1e-4,1e-3] "
+                       "(repeatable; VALUE is YAML; after the other flags)")
 
     board = sub.add_parser("leaderboard", help="print the leaderboard of a finished experiment")
     board.add_argument("experiment", help="experiment folder or URI (<storage>/<name>)")
@@ -91,6 +118,7 @@ def sweep_overrides(args: argparse.Namespace) -> dict:
                       ("num_samples", "search.num_samples"), ("epochs", "train.epochs")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
+    overrides.update(args.settings)
     return overrides
 
 

@@ -257,3 +257,34 @@ def test_pretrained_model_without_weights_offline_says_where_to_put_them(tmp_pat
     assert len(error) == 1 and error[0].startswith("pneumo-ray: error: models.r18.weights_file: no pretrained weights")
     assert "set weights_file: /path/to/resnet18.safetensors" in error[0]
     assert not (tmp_path / "results").exists()  # stopped before anything was written
+
+
+def test_set_changes_any_config_field_and_bad_ones_are_one_line_errors(tmp_path, capsys):
+    """--set section.field=VALUE (repeatable, VALUE as YAML) reaches the validated config after the other flags;
+    a malformed one, or a value the field refuses, is one line and exit 2 before Ray starts."""
+    from pneumo_ray import config
+
+    args = cli.build_parser().parse_args([
+        "sweep", "--config", str(SMOKE), "--epochs", "4", "--set", "train.epochs=6",
+        "--set", "search.lr=[1.0e-4, 1.0e-2]", "--set", "model.head_dropout=0.5",
+        "--set", "train.early_stopping_patience=null"])
+    cfg = config.load(SMOKE, cli.sweep_overrides(args))
+    assert (cfg.train.epochs, cfg.search.lr, cfg.model.head_dropout) == (6, [1e-4, 1e-2], 0.5)
+    assert cfg.train.early_stopping_patience is None
+
+    code, err = run_main(capsys, "--config", str(SMOKE), "--storage", str(tmp_path), "--set", "search.sampler=bayes")
+    assert code == 2
+    assert err == "pneumo-ray: error: search.sampler: unknown value 'bayes'; choose from tpe, random, grid"
+    code, err = run_main(capsys, "--config", str(SMOKE), "--storage", str(tmp_path), "--set", "train.epoch=3")
+    assert code == 2 and err.startswith("pneumo-ray: error: train.epoch: unknown field")
+    for malformed in ("epochs=3", "train.epochs", "train.epochs=[1,"):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["sweep", "--config", str(SMOKE), "--set", malformed])
+        assert exited.value.code == 2 and "--set" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip().startswith("pneumo-ray 0.")
