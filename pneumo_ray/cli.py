@@ -151,7 +151,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from pneumo_ray import config
     from pneumo_ray.errors import BadArgument
     from pneumo_ray.models import check_model_name
-    from pneumo_ray.sweep import load_sweep_splits
+    from pneumo_ray.sweep import check_pretrained_weights, load_sweep_splits
 
     cfg = config.load(args.config, parse_data_spec(args.data) if args.data else {})
     label = args.model or cfg.search.model[0]
@@ -160,13 +160,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         raise BadArgument(f"--model {label}: {problem}")
     if args.steps < 20:
         raise BadArgument(f"--steps {args.steps}: too few to read a trend from; use 100 or more")
-    from pneumo_ray.model_settings import model_variant
-    from pneumo_ray.models import offline_weights_problem
-
-    arch, model, _ = model_variant(cfg, label)
-    problem = model.pretrained and not model.weights_file and offline_weights_problem(arch)
-    if problem:
-        raise BadArgument(f"{f'models.{label}' if label in cfg.models else 'model'}.weights_file: {problem}")
+    check_pretrained_weights(cfg, label)
     from pneumo_ray import lr_find  # after the checks: imports torch
 
     splits = load_sweep_splits(cfg)

@@ -167,6 +167,17 @@ def check_study_storage(reference: str) -> None:
                           f"{message}); check the URL and that the database runs") from None
 
 
+def check_pretrained_weights(cfg: Config, label: str) -> None:
+    """Pretrained, no weights file, none cached, no Hub: one line naming where the file goes (not timm's retries)."""
+    from pneumo_ray.model_settings import model_variant
+    from pneumo_ray.models import offline_weights_problem
+
+    arch, m, _ = model_variant(cfg, label)
+    problem = m.pretrained and not m.weights_file and offline_weights_problem(arch)
+    if problem:
+        raise ConfigError(f"{f'models.{label}' if label in cfg.models else 'model'}.weights_file: {problem}")
+
+
 def check_models(cfg: Config, data_size: int) -> int:
     """Build every searched model once and run a tiny batch through it, so a model that cannot take its
     image size (its own, or the data's) or freeze depth fails now rather than as a failed trial an hour in.
@@ -174,16 +185,12 @@ def check_models(cfg: Config, data_size: int) -> int:
     import torch
 
     from pneumo_ray.model_settings import model_variant, trains_at
-    from pneumo_ray.models import build_model, max_freeze_depth, offline_weights_problem
+    from pneumo_ray.models import build_model, max_freeze_depth
 
     largest = 0
     for name in dict.fromkeys(cfg.search.model):
-        arch, m, depths = model_variant(cfg, name)
-        image_size = trains_at(cfg, name, data_size)
-        section = f"models.{name}" if name in cfg.models else "model"
-        problem = m.pretrained and not m.weights_file and offline_weights_problem(arch)
-        if problem:
-            raise ConfigError(f"{section}.weights_file: {problem}")
+        (arch, m, depths), image_size = model_variant(cfg, name), trains_at(cfg, name, data_size)
+        check_pretrained_weights(cfg, name)
         try:
             model = build_model(arch, image_size, pretrained=m.pretrained, weights_file=m.weights_file,
                                 head_hidden=m.head_hidden)
