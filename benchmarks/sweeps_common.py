@@ -56,12 +56,13 @@ def run_sweep(cfg, splits, inspect=None) -> dict:
     ``inspect(experiment folder)``, when given, reads it first and its answer is returned as "inspected"."""
     from pneumo_ray import sweep
     from pneumo_ray.layout import LEADERBOARD_JSON
+    from pneumo_ray.model_settings import check_models
 
     start_ray()
     with tempfile.TemporaryDirectory(prefix="pneumo-bench-") as storage:
         cfg.experiment.storage = storage
         prepared = sweep.Prepared(cfg, splits, resume=False)
-        sweep.check_models(cfg, splits.image_size)
+        check_models(cfg, splits.image_size)
         started = time.time()
         with CpuSampler() as cpu:
             sweep.run(prepared, leaderboard=False)

@@ -151,7 +151,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from pneumo_ray import config
     from pneumo_ray.errors import BadArgument
     from pneumo_ray.models import check_model_name
-    from pneumo_ray.sweep import check_pretrained_weights, load_sweep_splits
+    from pneumo_ray.model_settings import check_pretrained_weights
+    from pneumo_ray.sweep import load_sweep_splits
 
     cfg = config.load(args.config, parse_data_spec(args.data) if args.data else {})
     label = args.model or cfg.search.model[0]

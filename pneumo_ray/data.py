@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_ray.config import ConfigError, DataConfig
+from pneumo_ray.images import IMAGE_SUFFIXES, read_gray
 
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("normal", "pneumonia")
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -159,12 +159,16 @@ def _load_npz(cfg: DataConfig, seed: int) -> Splits:
         raise ConfigError(f"{path}: not a readable npz file ({type(err).__name__}: {err})") from None
 
 
+def medmnist_file(cfg: DataConfig) -> Path:
+    """Where medmnist keeps PneumoniaMNIST at data.size in data.root (its own naming)."""
+    return Path(cfg.root).expanduser() / f"pneumoniamnist{'' if cfg.size == 28 else f'_{cfg.size}'}.npz"
+
+
 def _load_medmnist(cfg: DataConfig, seed: int) -> Splits:
     import medmnist
 
-    root = Path(cfg.root).expanduser()
-    suffix = "" if cfg.size == 28 else f"_{cfg.size}"
-    expected = root / f"pneumoniamnist{suffix}.npz"
+    expected = medmnist_file(cfg)
+    root = expected.parent
     root.mkdir(parents=True, exist_ok=True)
     try:
         # download=True verifies the MD5 of a file already in root and downloads only when it is absent.
@@ -178,36 +182,6 @@ def _load_medmnist(cfg: DataConfig, seed: int) -> Splits:
     return _from_arrays(arrays, f"medmnist:{expected}")
 
 
-def read_gray(path: Path, size: int, resize: str = "stretch") -> np.ndarray:
-    """One image file -> size x size uint8 grayscale. A non-square image is stretched (``stretch``), cut to the
-    centred square of its short edge (``crop``, as MedMNIST built PneumoniaMNIST), or fitted inside the square
-    and padded with black (``pad``, resize-and-pad)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()  # forces a full decode, so a truncated file fails here, not in training
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            # 16-bit or float images (e.g. exported from DICOM): convert("L") would clip them to white. Stretch
-            # the image's own range to 0..255 instead.
-            pixels = np.asarray(img, dtype=np.float64)
-            low, high = pixels.min(), pixels.max()
-            img = Image.fromarray(((pixels - low) / max(high - low, 1e-12) * 255).round().astype(np.uint8))
-        img = img.convert("L")
-        if resize == "crop" and img.width != img.height:
-            # Cut, then resize. Not PIL's ImageOps.fit: its resize reads pixels beyond the crop box for the
-            # filter's support, so what lies outside the square bleeds into the edge pixels.
-            side = min(img.size)
-            left, top = (img.width - side) // 2, (img.height - side) // 2
-            img = img.crop((left, top, left + side, top + side))
-        elif resize == "pad" and img.width != img.height:
-            fitted = img.resize((max(1, round(img.width * size / max(img.size))),
-                                 max(1, round(img.height * size / max(img.size)))), Image.BILINEAR)
-            square = Image.new("L", (size, size), 0)
-            square.paste(fitted, ((size - fitted.width) // 2, (size - fitted.height) // 2))
-            return np.asarray(square, dtype=np.uint8)
-        return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
-
-
 def _load_folder(cfg: DataConfig, seed: int) -> Splits:
     """Kaggle chest_xray layout: {train,val,test}/{NORMAL,PNEUMONIA}/* (folder names case-insensitive).
     An entry with an image suffix that is not a regular file (a folder, a FIFO, a broken or looping
@@ -215,19 +189,7 @@ def _load_folder(cfg: DataConfig, seed: int) -> Splits:
     root = Path(cfg.path).expanduser()
     if not root.is_dir():
         raise ConfigError(f"{root}: folder not found; expected {{train,val,test}}/{{NORMAL,PNEUMONIA}}/ images")
-    files: dict[str, list[tuple[Path, int]]] = {s: [] for s in SPLITS}
-    unusable: list[str] = []
-    for split_dir in _entries(root):
-        if split_dir.name.lower() not in SPLITS or not split_dir.is_dir():
-            continue
-        for class_dir in _entries(split_dir):
-            name = class_dir.name.lower()
-            if class_dir.is_dir() and name in CLASS_NAMES:
-                for p in _entries(class_dir):
-                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-                        files[split_dir.name.lower()].append((p, CLASS_NAMES.index(name)))
-                    elif p.suffix.lower() in IMAGE_SUFFIXES or p.is_dir():
-                        unusable.append(shown(p) + ("/ (a nested folder)" if p.is_dir() else " (not a regular file)"))
+    files, unusable = folder_files(root)
     for s in ("train", "test"):
         if not files[s]:
             raise ConfigError(f"{root}: no images under {s}/NORMAL or {s}/PNEUMONIA; "
@@ -254,6 +216,24 @@ def _load_folder(cfg: DataConfig, seed: int) -> Splits:
         log.warning("skipped %d unreadable image(s): %s%s", len(skipped), ", ".join(skipped[:10]),
                     " ..." if len(skipped) > 10 else "")
     return Splits(*arrays["train"], *arrays["val"], *arrays["test"], source=f"folder:{root}", skipped_files=skipped)
+
+
+def folder_files(root: Path) -> tuple[dict[str, list[tuple[Path, int]]], list[str]]:
+    """split -> [(image file, class index)] under the Kaggle layout, and the entries that cannot be images."""
+    files: dict[str, list[tuple[Path, int]]] = {s: [] for s in SPLITS}
+    unusable: list[str] = []
+    for split_dir in _entries(root):
+        if split_dir.name.lower() not in SPLITS or not split_dir.is_dir():
+            continue
+        for class_dir in _entries(split_dir):
+            name = class_dir.name.lower()
+            if class_dir.is_dir() and name in CLASS_NAMES:
+                for p in _entries(class_dir):
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                        files[split_dir.name.lower()].append((p, CLASS_NAMES.index(name)))
+                    elif p.suffix.lower() in IMAGE_SUFFIXES or p.is_dir():
+                        unusable.append(shown(p) + ("/ (a nested folder)" if p.is_dir() else " (not a regular file)"))
+    return files, unusable
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -291,19 +271,23 @@ def _decode(files: dict[str, list[tuple[Path, int]]], size: int, resize: str) ->
     return arrays, skipped
 
 
-def _content_key(files: dict[str, list[tuple[Path, int]]], size: int, resize: str) -> str:
-    """A digest of every image's split, class, name and bytes, the size and the resize rule: any change makes
-    a new key."""
-    rule = "" if resize == "stretch" else f", {resize}"  # stretch's keys predate the rule: those caches stay valid
-    digest = hashlib.sha256(f"pneumo-ray folder cache 1, {size}px{rule}".encode())
+def files_digest(files: dict[str, list[tuple[Path, int]]]) -> str:
+    """SHA-256 of every listed image's split, class, name and bytes: a folder dataset's identity."""
+    digest = hashlib.sha256()
     for s in SPLITS:
         for path, label in files[s]:
             digest.update(f"{s}/{label}/".encode() + os.fsencode(path.name) + b"\0")
             try:
                 digest.update(hashlib.sha256(path.read_bytes()).digest())
-            except OSError as err:  # unreadable now: decoding will skip it; the key still changes once it is fixed
+            except OSError as err:  # unreadable now: decoding will skip it; the digest still changes once it is fixed
                 digest.update(f"unreadable {err.errno}".encode())
-    return digest.hexdigest()[:32]
+    return digest.hexdigest()
+
+
+def _content_key(files: dict[str, list[tuple[Path, int]]], size: int, resize: str) -> str:
+    """The cache file's name: the folder's digest, the size and the resize rule; any change makes a new key."""
+    return hashlib.sha256(f"pneumo-ray folder cache 2, {size}px, {resize}, {files_digest(files)}".encode()
+                          ).hexdigest()[:32]
 
 
 def _decoded(files: dict[str, list[tuple[Path, int]]], cfg: DataConfig) -> tuple[dict, list[str]]:

@@ -2,13 +2,14 @@
 
     <storage>/<name>/
         pneumo_config.yaml          the resolved config; --resume reruns exactly this
+        manifest.json               the data's identity, and per session: command, versions, git commit, nodes
         optuna.db                   the Optuna study, unless search.optuna_storage names a database
         experiment_state-*.json     Tune's saved state (which trials ran, and how they ended)
         searcher-state-*.pkl        OptunaSearch's saved state, read on --resume
         tune_trial_<id>_*/          a Tune trial: result.json, error.txt, TensorBoard events, and an
                                     inline trial's checkpoint_*/
         train_runs/<id>/            a TorchTrainer trial's Ray Train run: checkpoint_*/, DIVERGED
-        leaderboard.{md,csv,json}, evaluation.json, predictions.npz, report.html
+        leaderboard.{md,csv,json}, evaluation.json, predictions.npz, MODEL_CARD.md, report.html
         best/rank<N>_<id>/          the leaderboard's copy of each ranked trial's checkpoint
         repeats/                    leaderboard.repeats: a Tune run of its own (tune_trial_*/, train_runs/)
 
@@ -20,6 +21,7 @@ imports torch or Ray, so every process can know the names.
 from __future__ import annotations
 
 CONFIG_FILE = "pneumo_config.yaml"
+MANIFEST_FILE = "manifest.json"
 OPTUNA_FILE = "optuna.db"
 TUNE_STATE_GLOB = "experiment_state-*.json"  # named by session start time, so they sort
 SEARCHER_STATE_GLOB = "searcher-state-*.pkl"
@@ -47,10 +49,11 @@ LEADERBOARD_MD = "leaderboard.md"
 EVALUATION_FILE = "evaluation.json"  # leaderboard settings, confusion matrices and per-class reports, per row
 PREDICTIONS_FILE = "predictions.npz"  # val/test labels and each leaderboard row's probabilities
 REPORT_FILE = "report.html"
+MODEL_CARD_FILE = "MODEL_CARD.md"
 BEST_DIR = "best"
 REPEATS_DIR = "repeats"  # leaderboard.repeats: the re-trained top configurations, a Tune run of their own
 LEADERBOARD_OUTPUTS = [LEADERBOARD_JSON, LEADERBOARD_CSV, LEADERBOARD_MD, EVALUATION_FILE, PREDICTIONS_FILE,
-                       REPORT_FILE, BEST_DIR]
+                       MODEL_CARD_FILE, REPORT_FILE, BEST_DIR]
 
 
 def default_study_url(exp_dir: str) -> str:

@@ -1,4 +1,5 @@
-"""Per-model settings: what one search.model entry trains as, given ``models.<label>``.
+"""Per-model settings: what one search.model entry trains as, given ``models.<label>``, and the check that
+every entry builds at its size, before Ray starts.
 
 A label names its architecture (``arch``, default the label), changes any field of the ``model`` section
 for itself, may train at its own image ``size``, and may search its own freeze depths. Everything that
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import TYPE_CHECKING
+
+from pneumo_ray.errors import ConfigError
 
 if TYPE_CHECKING:
     from pneumo_ray.config import Config
@@ -58,3 +61,44 @@ def freeze_dimensions(cfg: Config) -> dict[str, tuple[list, set]]:
             own = "freeze_depth" in (cfg.models.get(label) or {})
             dims.setdefault(f"{label}.freeze_depth" if own else "freeze_depth", (depths, set()))[1].add(label)
     return dims
+
+
+def check_pretrained_weights(cfg: Config, label: str) -> None:
+    """Pretrained, no weights file, none cached, no Hub: one line naming where the file goes (not timm's retries)."""
+    from pneumo_ray.models import offline_weights_problem
+
+    arch, m, _ = model_variant(cfg, label)
+    problem = m.pretrained and not m.weights_file and offline_weights_problem(arch)
+    if problem:
+        raise ConfigError(f"{f'models.{label}' if label in cfg.models else 'model'}.weights_file: {problem}")
+
+
+def check_models(cfg: Config, data_size: int) -> int:
+    """Build every searched model once and run a tiny batch through it, so a model that cannot take its
+    image size (its own, or the data's) or freeze depth fails now rather than as a failed trial an hour in.
+    Returns the largest model's weights in bytes (what its checkpoints are sized by)."""
+    import torch
+
+    from pneumo_ray.models import build_model, max_freeze_depth
+
+    largest = 0
+    for name in dict.fromkeys(cfg.search.model):
+        (arch, m, depths), image_size = model_variant(cfg, name), trains_at(cfg, name, data_size)
+        check_pretrained_weights(cfg, name)
+        try:
+            model = build_model(arch, image_size, pretrained=m.pretrained, weights_file=m.weights_file,
+                                head_hidden=m.head_hidden)
+            model.eval()
+            with torch.no_grad():
+                model(torch.zeros(2, 1, image_size, image_size))
+        except Exception as err:
+            raise ConfigError(f"search.model: {name!r} cannot be built for {image_size}px images "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        deepest = max_freeze_depth(model)
+        if m.pretrained and max(depths) > deepest:
+            where = f"models.{name}.freeze_depth" if "freeze_depth" in (cfg.models.get(name) or {}) else \
+                "search.freeze_depth"
+            raise ConfigError(f"{where}: {max(depths)} exceeds the {deepest} stem/stage groups of {name}; "
+                              f"use values 0..{deepest}")
+        largest = max(largest, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
+    return largest

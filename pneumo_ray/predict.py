@@ -19,9 +19,10 @@ from scipy.special import expit
 
 from pneumo_ray.augment import resize_images
 from pneumo_ray.checkpoints import load_ranked
-from pneumo_ray.data import CLASS_NAMES, read_gray
+from pneumo_ray.data import CLASS_NAMES
 from pneumo_ray.errors import BadArgument
 from pneumo_ray.evaluate import predict_margin
+from pneumo_ray.images import read_gray
 from pneumo_ray.layout import EVALUATION_FILE, LEADERBOARD_JSON
 from pneumo_ray.leaderboard import is_ensemble, trial_rows
 
@@ -39,7 +40,7 @@ class Predictor:
     threshold: float
     flip_tta: bool
     description: str
-    resize: str  # how the training images were made square (data.read_gray): see the module docstring
+    resize: str  # how the training images were made square (images.read_gray): see the module docstring
 
     @property
     def image_size(self) -> int:
@@ -96,7 +97,7 @@ def load_predictor(exp_dir: Path, rank: int = 1, ensemble: bool = False) -> Pred
 
 
 def resize_rule(settings: dict) -> str:
-    """How the training images were made square (data.read_gray), from the leaderboard's settings. Experiments
+    """How the training images were made square (images.read_gray), from the leaderboard's settings. Experiments
     scored before data.resize existed name only their source: MedMNIST's crop, else the folder's stretch."""
     return settings.get("resize") or ("crop" if settings.get("data_source") in ("medmnist", "npz") else "stretch")
 

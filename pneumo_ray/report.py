@@ -27,6 +27,7 @@ from pneumo_ray.data import CLASS_NAMES, Splits
 from pneumo_ray.layout import (
     EVALUATION_FILE,
     LEADERBOARD_JSON,
+    MODEL_CARD_FILE,
     OPTUNA_FILE,
     PREDICTIONS_FILE,
     REPORT_FILE,
@@ -253,6 +254,14 @@ def gradcam_section(exp_dir: Path, rows: list[dict], preds, splits: Splits, coun
     return "".join(out)
 
 
+def model_card_section(exp_dir: Path) -> str:
+    """MODEL_CARD.md as HTML, its headings one level down: intended use, data, metrics, limitations, manifest."""
+    import markdown
+
+    card = (exp_dir / MODEL_CARD_FILE).read_text().replace("\n## ", "\n### ").replace("# Model card", "## Model card", 1)
+    return markdown.markdown(html.escape(card, quote=False), extensions=["tables"])
+
+
 # --------------------------------------------------------------------------- page
 
 
@@ -275,6 +284,7 @@ def write_report(exp_dir: Path, cfg: Config, splits: Splits) -> Path:
     if cfg.leaderboard.gradcam_images:
         sections.append(gradcam_section(exp_dir, rows, preds, splits, cfg.leaderboard.gradcam_images,
                                         cfg.experiment.seed))
+    sections.append(model_card_section(exp_dir))
     cite = f'<p class="note">{MEDMNIST_CITATION}</p>' if cfg.data.source in ("medmnist", "npz") else ""
     path.write_text(head + intro + "".join(sections) + cite + "</body></html>")
     return path

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from pneumo_ray import cluster, credentials, storage
+from pneumo_ray import cluster, credentials, manifest, storage
 from pneumo_ray import config as config_mod
 from pneumo_ray.config import Config, ConfigError
 from pneumo_ray.data import Splits, load_splits
@@ -33,6 +33,7 @@ class Prepared:
     splits: Splits
     resume: bool
     storage_reserve: int = 0  # bytes the running trials may still write; 0: not watched
+    data_identity: dict | None = None  # manifest.json's "data": checked on --resume, recorded on a new start
 
 
 def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
@@ -65,7 +66,12 @@ def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
                           "pass --resume to continue it or --name NEW to start another (nothing was overwritten)")
     if cfg.search.optuna_storage:
         check_study_storage(cfg.search.optuna_storage)
+    from pneumo_ray.model_settings import check_models
+
     splits = load_sweep_splits(cfg)
+    identity = manifest.data_identity(cfg.data, splits)
+    if resume:
+        manifest.check_resume(exp_uri, identity)
     if local:
         cluster.check_fits_here(cfg)
     reserve = storage_reserve(cfg, check_models(cfg, splits.image_size))
@@ -74,7 +80,7 @@ def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
         raise ConfigError(f"{low_space(exp_uri, free, reserve)}; free some space or choose another --storage")
     if local:  # last: whatever is wrong with the input is said first
         cluster.check_no_other_ray()
-    return Prepared(cfg, splits, resume, reserve)
+    return Prepared(cfg, splits, resume, reserve, identity)
 
 
 def load_sweep_splits(cfg: Config) -> Splits:
@@ -167,49 +173,6 @@ def check_study_storage(reference: str) -> None:
                           f"{message}); check the URL and that the database runs") from None
 
 
-def check_pretrained_weights(cfg: Config, label: str) -> None:
-    """Pretrained, no weights file, none cached, no Hub: one line naming where the file goes (not timm's retries)."""
-    from pneumo_ray.model_settings import model_variant
-    from pneumo_ray.models import offline_weights_problem
-
-    arch, m, _ = model_variant(cfg, label)
-    problem = m.pretrained and not m.weights_file and offline_weights_problem(arch)
-    if problem:
-        raise ConfigError(f"{f'models.{label}' if label in cfg.models else 'model'}.weights_file: {problem}")
-
-
-def check_models(cfg: Config, data_size: int) -> int:
-    """Build every searched model once and run a tiny batch through it, so a model that cannot take its
-    image size (its own, or the data's) or freeze depth fails now rather than as a failed trial an hour in.
-    Returns the largest model's weights in bytes (what its checkpoints are sized by)."""
-    import torch
-
-    from pneumo_ray.model_settings import model_variant, trains_at
-    from pneumo_ray.models import build_model, max_freeze_depth
-
-    largest = 0
-    for name in dict.fromkeys(cfg.search.model):
-        (arch, m, depths), image_size = model_variant(cfg, name), trains_at(cfg, name, data_size)
-        check_pretrained_weights(cfg, name)
-        try:
-            model = build_model(arch, image_size, pretrained=m.pretrained, weights_file=m.weights_file,
-                                head_hidden=m.head_hidden)
-            model.eval()
-            with torch.no_grad():
-                model(torch.zeros(2, 1, image_size, image_size))
-        except Exception as err:
-            raise ConfigError(f"search.model: {name!r} cannot be built for {image_size}px images "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-        deepest = max_freeze_depth(model)
-        if m.pretrained and max(depths) > deepest:
-            where = f"models.{name}.freeze_depth" if "freeze_depth" in (cfg.models.get(name) or {}) else \
-                "search.freeze_depth"
-            raise ConfigError(f"{where}: {max(depths)} exceeds the {deepest} stem/stage groups of {name}; "
-                              f"use values 0..{deepest}")
-        largest = max(largest, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
-    return largest
-
-
 def close_orphaned_study_trials(exp_dir: Path, study_storage, study_name: str) -> list[int]:
     """After a driver crash, Optuna rows of trials that Tune never saved stay RUNNING forever. Tune will
     not run them again (it re-asks the searcher instead), so mark them FAIL. Rows the saved searcher still
@@ -256,7 +219,9 @@ def run(prepared: Prepared, address: str | None = None, leaderboard: bool = True
     sweep_started = time.time()
     owns_ray = not ray.is_initialized()
     concurrency = cluster.init_ray(cfg, address)
+    outcome = "failed"
     try:
+        manifest.begin_session(cfg, prepared.data_identity or manifest.data_identity(cfg.data, splits))
         cfg = cluster.resolve_gpus(cfg, ray.cluster_resources())
         results = make_tuner(cfg, splits, prepared.resume, concurrency, prepared.storage_reserve).fit()
         for result in results:
@@ -274,7 +239,9 @@ def run(prepared: Prepared, address: str | None = None, leaderboard: bool = True
             log.info("search done; training the top %d configurations %d more time(s) each, with new seeds",
                      cfg.leaderboard.top_k, cfg.leaderboard.repeats)
             finished = run_repeats(cfg, splits, concurrency)
+        outcome = "trials finished" if finished else "interrupted"
     finally:
+        manifest.end_session(exp_uri, outcome)
         if owns_ray:
             ray.shutdown()
     if not finished:
@@ -335,9 +302,11 @@ def finish(exp_dir: Path, exp_uri: str, cfg: Config, splits: Splits) -> list[dic
     (the only read of the test split), write the report, and upload both to a cloud experiment.
     ``exp_dir`` is the experiment folder, or the local copy of the cloud one at ``exp_uri``."""
     from pneumo_ray.leaderboard import write_leaderboard
+    from pneumo_ray.model_card import write_model_card
     from pneumo_ray.report import write_report
 
     rows = write_leaderboard(exp_dir, cfg, splits)
+    write_model_card(exp_dir, cfg, splits)
     write_report(exp_dir, cfg, splits)
     storage.publish(exp_dir, exp_uri, LEADERBOARD_OUTPUTS)
     return rows

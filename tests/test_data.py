@@ -10,7 +10,8 @@ from PIL import Image
 from pneumo_ray import config
 from pneumo_ray.augment import augment_batch, normalization, resize_images, resized_splits, to_float, train_batch
 from pneumo_ray.config import AugmentConfig, DataConfig
-from pneumo_ray.data import load_splits, read_gray
+from pneumo_ray.data import load_splits
+from pneumo_ray.images import read_gray
 from tests.conftest import SHARED_NPZ, write_npz
 
 

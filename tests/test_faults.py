@@ -181,7 +181,8 @@ def test_a_full_disk_stops_the_sweep_resumably(tmp_path, ray_address):
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs as the experiment's storage needs root")
     from pneumo_ray import config
-    from pneumo_ray.sweep import check_models, storage_reserve
+    from pneumo_ray.model_settings import check_models
+    from pneumo_ray.sweep import storage_reserve
 
     disk = tmp_path / "disk"
     disk.mkdir()

@@ -97,7 +97,7 @@ def test_predict_png_and_jpeg_with_per_file_errors(smoke_experiment, tmp_path):
 
 
 def test_predict_makes_new_images_square_as_the_training_images_were(tmp_path):
-    from pneumo_ray.data import read_gray
+    from pneumo_ray.images import read_gray
     from pneumo_ray.predict import read_images, resize_rule
 
     assert resize_rule({"resize": "pad", "data_source": "folder"}) == "pad"
