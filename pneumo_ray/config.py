@@ -172,6 +172,17 @@ class LeaderboardConfig:
 
 
 @dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None  # an MLflow server (http://...), a database (sqlite:///...) or a folder; null: off
+    experiment: str | None = None  # the MLflow experiment the trials are logged under; null: experiment.name
+
+
+@dataclass
+class TrackingConfig:
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)  # needs pip install 'pneumo-ray[mlflow]'
+
+
+@dataclass
 class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -184,6 +195,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def experiment_uri(self) -> str:
@@ -279,33 +291,14 @@ def from_dict(raw: dict, check: bool = True) -> Config:
     return cfg
 
 
-def _absolute(path: str, base: Path) -> str:
-    """``path`` as an absolute local path: ``~`` expanded, a relative path taken from ``base``."""
-    return str((base / Path(path).expanduser()).resolve())
-
-
-def _absolute_sqlite_url(url: str, base: Path) -> str:
-    """A SQLite URL's file made absolute (``sqlite:///optuna.db`` -> ``sqlite:////abs/optuna.db``); any
-    other database URL is left as it is."""
-    from sqlalchemy.engine import make_url  # Optuna's own dependency
-
-    try:
-        parsed = make_url(url)
-    except Exception:  # not a URL at all: validation says so with the field's name
-        return url
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:" \
-            or parsed.database.startswith("file:"):
-        return url
-    return parsed.set(database=_absolute(parsed.database, base)).render_as_string(hide_password=False)
-
-
 def resolve_paths(cfg: Config, base: Path) -> Config:
     """``cfg`` with every local path (experiment.storage, data.root, data.path, data.cache_dir, model.weights_file
-    and models.*.weights_file, a SQLite search.optuna_storage) absolute, relative ones taken from ``base``. Bucket
-    URIs stay as they are. Done once, in the driver, so the saved config and every Ray process agree."""
-    from pneumo_ray.storage import is_remote
+    and models.*.weights_file, a SQLite search.optuna_storage, a local MLflow store) absolute, relative ones taken
+    from ``base``. Bucket URIs stay. Done once, in the driver, so the saved config and every Ray process agree."""
+    from pneumo_ray.storage import absolute_mlflow_uri, absolute_sqlite_url, is_remote
+    from pneumo_ray.storage import absolute_path as _absolute
 
-    e, d, m, s = cfg.experiment, cfg.data, cfg.model, cfg.search
+    e, d, m, s, t = cfg.experiment, cfg.data, cfg.model, cfg.search, cfg.tracking.mlflow
     storage = e.storage if is_remote(e.storage) or not e.storage else _absolute(e.storage.removeprefix("file://"),
                                                                                  base)
     return dataclasses.replace(
@@ -317,9 +310,11 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
         model=dataclasses.replace(m, weights_file=_absolute(m.weights_file, base) if m.weights_file else None),
         models={label: {**entry, "weights_file": _absolute(entry["weights_file"], base)} if entry.get("weights_file")
                 else entry for label, entry in cfg.models.items()},
-        search=dataclasses.replace(s, optuna_storage=_absolute_sqlite_url(s.optuna_storage, base)
+        search=dataclasses.replace(s, optuna_storage=absolute_sqlite_url(s.optuna_storage, base)
                                    if s.optuna_storage else None),
+        tracking=TrackingConfig(dataclasses.replace(t, tracking_uri=absolute_mlflow_uri(t.tracking_uri, base))),
     )
+
 
 
 def load(path: str | Path, overrides: dict | None = None) -> Config:

@@ -132,3 +132,31 @@ def publish(local_dir: Path, uri: str, names: list[str]) -> None:
         source = local_dir / name
         if source.exists():
             pyarrow.fs.copy_files(str(source), f"{path}/{name}", source_filesystem=local_fs, destination_filesystem=fs)
+
+
+def absolute_path(path: str, base: Path) -> str:
+    """``path`` as an absolute local path: ``~`` expanded, a relative path taken from ``base``."""
+    return str((base / Path(path).expanduser()).resolve())
+
+
+def absolute_sqlite_url(url: str, base: Path) -> str:
+    """A SQLite URL's file made absolute (``sqlite:///optuna.db`` -> ``sqlite:////abs/optuna.db``); any
+    other database URL is left as it is."""
+    from sqlalchemy.engine import make_url  # Optuna's own dependency
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a URL at all: validation says so with the field's name
+        return url
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:" \
+            or parsed.database.startswith("file:"):
+        return url
+    return parsed.set(database=absolute_path(parsed.database, base)).render_as_string(hide_password=False)
+
+
+def absolute_mlflow_uri(uri: str | None, base: Path) -> str | None:
+    """An MLflow store on this machine made absolute: a SQLite file's path, or a folder as a file: URI. A server's
+    URL stays as it is."""
+    if not uri or uri.startswith(("http://", "https://", "databricks")):
+        return uri
+    return absolute_sqlite_url(uri, base) if "://" in uri else Path(absolute_path(uri, base)).as_uri()

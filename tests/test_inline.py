@@ -19,10 +19,11 @@ SMOKE = ROOT / "sweeps" / "configs" / "smoke.yaml"
 pytestmark = pytest.mark.slow
 
 
-def inline_config(tmp_path: Path, models: dict | None = None, **search) -> Path:
+def inline_config(tmp_path: Path, models: dict | None = None, tracking: dict | None = None, **search) -> Path:
     raw = yaml.safe_load(SMOKE.read_text())
     raw["search"].update(search)
     raw["models"] = models or {}
+    raw["tracking"] = tracking or {}
     raw["resources"] = {"launcher": "inline", "gpus_per_worker": 0}
     path = tmp_path / "inline.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -31,7 +32,8 @@ def inline_config(tmp_path: Path, models: dict | None = None, **search) -> Path:
 
 def test_inline_sweep_keeps_checkpoints_reports_startup_and_fails_diverged(tmp_path, ray_address):
     cfg = inline_config(tmp_path, num_samples=3, initial_points=[
-        {"model": "mlp", "optimizer": "sgd", "lr": 1.0e6, "class_weighting": "none"}])  # blows up within steps
+        {"model": "mlp", "optimizer": "sgd", "lr": 1.0e6, "class_weighting": "none"}],  # blows up within steps
+        tracking={"mlflow": {"tracking_uri": "sqlite:///mlruns/mlflow.db", "experiment": "inline-runs"}})
     # The config's storage is the smoke config's relative ./results, as a user's would be: the trials train
     # in Tune's working directories, yet their checkpoints and DIVERGED markers land in this one.
     result = run_cli("--config", str(cfg), "--name", "inline", "--epochs", "3", "--address", ray_address, cwd=tmp_path)
@@ -57,10 +59,40 @@ def test_inline_sweep_keeps_checkpoints_reports_startup_and_fails_diverged(tmp_p
         assert epochs[row["trial_id"]] == list(range(1, len(epochs[row["trial_id"]]) + 1))  # ASHA may stop early
         assert any(exp.glob(f"tune_trial_{row['trial_id']}_*/checkpoint_*/meta.json"))
 
+    check_mlflow(tmp_path / "mlruns" / "mlflow.db", exp, statuses, epochs, rows)
+
     first_epochs = [json.loads((d / "result.json").read_text().splitlines()[0])
                     for d in exp.glob("tune_trial_*") if statuses[d.name.split("_")[2]] == "TERMINATED"]
     for first in first_epochs:  # start-up is measured inside the trial, so it is shorter than the trial
         assert 0 < first["startup_s"] < first["time_total_s"]
+
+
+def check_mlflow(store: Path, exp: Path, statuses: dict, epochs: dict, rows: list[dict]) -> None:
+    """What the sweep logged to MLflow, read back through MLflow's client: a run per trial with its searched
+    values and every epoch's metrics (the failed one FAILED), and the leaderboard run with its files."""
+    from mlflow.tracking import MlflowClient
+
+    tracker = MlflowClient(f"sqlite:///{store}")
+    experiment = tracker.get_experiment_by_name("inline-runs")
+    assert experiment.artifact_location == (store.parent / "mlflow-artifacts").as_uri()
+    runs = {r.info.run_name: r for r in tracker.search_runs([experiment.experiment_id])}
+    board = runs.pop("leaderboard")
+    by_trial = {r.data.tags["trial_name"].split("_")[2]: r for r in runs.values()}
+    assert sorted(by_trial) == sorted(statuses)
+    for trial_id, run in by_trial.items():
+        assert run.info.status == ("FAILED" if statuses[trial_id] == "ERROR" else "FINISHED")
+        assert {"model", "optimizer", "lr", "weight_decay", "class_weighting"} <= set(run.data.params)
+        if statuses[trial_id] == "TERMINATED":
+            history = tracker.get_metric_history(run.info.run_id, "val_auc")
+            assert [m.step for m in history] == epochs[trial_id] and all(0 <= m.value <= 1 for m in history)
+    for row in rows:
+        assert by_trial[row["trial_id"]].data.tags["pneumo_ray.rank"] == str(row["rank"])
+    assert board.data.params["rank1_trial"] == rows[0]["trial_id"]
+    assert abs(board.data.metrics["rank1_test_auc"] - rows[0]["test_auc"]) < 1e-9
+    artifacts = {a.path for a in tracker.list_artifacts(board.info.run_id)}
+    assert artifacts == {"leaderboard.md", "leaderboard.csv", "leaderboard.json", "report.html", "MODEL_CARD.md",
+                         "manifest.json"}
+    assert (store.parent / "mlflow-artifacts").is_dir()
 
 
 def test_killed_inline_trial_resumes_from_its_checkpoint(tmp_path, ray_session, ray_address):
