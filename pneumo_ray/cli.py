@@ -1,15 +1,17 @@
-"""``pneumo-ray sweep | leaderboard | report | predict | lr-find``: argument parsing, and bad input as one line +
-exit code 2."""
+"""``pneumo-ray sweep | validate | leaderboard | report | predict | export | lr-find``: argument parsing, and
+bad input as one line + exit code 2."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 from pathlib import Path
 
-from pneumo_ray.layout import REPORT_FILE
+from pneumo_ray import package_version
+from pneumo_ray.layout import CONFIG_FILE, REPORT_FILE
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl+C
@@ -35,33 +37,31 @@ def _setting(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a YAML value") from None
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pneumo-ray")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed)"
+def add_sweep_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="sweeps/configs/default.yaml", help="sweep YAML (default: %(default)s)")
+    parser.add_argument("--data", help="synthetic | npz:PATH | folder:PATH | medmnist:SIZE[:ROOT]")
+    parser.add_argument("--storage", help="results folder or cloud URI such as s3://bucket/prefix (experiment.storage)")
+    parser.add_argument("--name", help="experiment name (experiment.name)")
+    parser.add_argument("--num-samples", type=_positive_int, help="number of trials (search.num_samples)")
+    parser.add_argument("--epochs", type=_positive_int, help="epochs per trial (train.epochs)")
+    parser.add_argument("--address", help="join a running Ray cluster (e.g. auto, or HOST:PORT); default: local Ray")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted experiment of this name")
+    parser.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="any config field, e.g. --set search.sampler=grid --set search.lr=[1e-4,1e-3] "
+                        "(repeatable; VALUE is YAML; after the other flags)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumo-ray", description="Distributed hyperparameter sweeps for "
                                      "pneumonia classification on chest X-rays (Ray Train + Tune + Optuna).")
-    parser.add_argument("--version", action="version", version=f"pneumo-ray {_version()}")
+    parser.add_argument("--version", action="version", version=f"pneumo-ray {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sweep = sub.add_parser("sweep", help="run or resume a sweep, then write the test leaderboard")
-    sweep.add_argument("--config", default="sweeps/configs/default.yaml", help="sweep YAML (default: %(default)s)")
-    sweep.add_argument("--data", help="synthetic | npz:PATH | folder:PATH | medmnist:SIZE[:ROOT]")
-    sweep.add_argument("--storage", help="results folder or cloud URI such as s3://bucket/prefix (experiment.storage)")
-    sweep.add_argument("--name", help="experiment name (experiment.name)")
-    sweep.add_argument("--num-samples", type=_positive_int, help="number of trials (search.num_samples)")
-    sweep.add_argument("--epochs", type=_positive_int, help="epochs per trial (train.epochs)")
-    sweep.add_argument("--address", help="join a running Ray cluster (e.g. auto, or HOST:PORT); default: local Ray")
-    sweep.add_argument("--resume", action="store_true", help="continue an interrupted experiment of this name")
-    sweep.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
-                       help="any config field, e.g. --set search.sampler=grid --set search.lr=[1e-4,1e-3] "
-                       "(repeatable; VALUE is YAML; after the other flags)")
+    add_sweep_flags(sweep)
+    validate = sub.add_parser("validate", help="check a sweep's config, data and models and print its plan and an "
+                              "estimated time, without starting Ray (takes the sweep's flags)")
+    add_sweep_flags(validate)
 
     board = sub.add_parser("leaderboard", help="print the leaderboard of a finished experiment")
     board.add_argument("experiment", help="experiment folder or URI (<storage>/<name>)")
@@ -77,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     lr_find.add_argument("--model", help="a search.model entry or any model name (default: the first entry)")
     lr_find.add_argument("--steps", type=_positive_int, default=200, help="training steps (default: %(default)s)")
     lr_find.add_argument("--out", help="the plot's PNG path (default: lr_find_<model>.png)")
+
+    export = sub.add_parser("export", help="write a ranked model or the ensemble as one file (TorchScript, ONNX or "
+                            "safetensors) with preprocess.json: everything another program needs to predict the same")
+    export.add_argument("experiment", help="folder of a finished experiment (<storage>/<name>)")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--rank", type=_positive_int, default=1, help="the model at this leaderboard rank (default: "
+                       "%(default)s)")
+    which.add_argument("--ensemble", action="store_true", help="the mean probability of the top-k models, as one graph")
+    export.add_argument("--format", required=True, choices=("torchscript", "onnx", "safetensors"))
+    export.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder for the files")
 
     predict = sub.add_parser("predict", help="pneumonia probability and label for PNG/JPEG chest X-rays")
     predict.add_argument("experiment", help="folder of a finished experiment (<storage>/<name>)")
@@ -147,11 +157,33 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pneumo_ray import cluster, config, plan, sweep
+    from pneumo_ray.errors import ConfigError
+
+    cfg = config.load(args.config, sweep_overrides(args))
+    local = not args.address
+    prepared = sweep.prepare(cfg, resume=args.resume, local=local, check_ray=False)
+    print(f"# the resolved config (what the sweep saves as {CONFIG_FILE})")
+    print(yaml.safe_dump(prepared.cfg.to_dict(), sort_keys=False))
+    print("# the plan")
+    print("\n".join(plan.plan_lines(prepared.cfg, prepared.splits, local)))
+    if local:
+        try:
+            cluster.check_no_other_ray()
+        except ConfigError as err:  # not the config's fault: said, but the config is valid
+            print(f"note: {err}")
+    print("OK: config, data and models are valid; nothing was started or written")
+    return 0
+
+
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from pneumo_ray import config
     from pneumo_ray.errors import BadArgument
-    from pneumo_ray.models import check_model_name
     from pneumo_ray.model_settings import check_pretrained_weights
+    from pneumo_ray.models import check_model_name
     from pneumo_ray.sweep import load_sweep_splits
 
     cfg = config.load(args.config, parse_data_spec(args.data) if args.data else {})
@@ -228,7 +260,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pneumo_ray import config, storage
     from pneumo_ray.errors import BadArgument
-    from pneumo_ray.layout import CONFIG_FILE, LEADERBOARD_JSON, LEADERBOARD_MD
+    from pneumo_ray.layout import LEADERBOARD_JSON, LEADERBOARD_MD
     from pneumo_ray.sweep import finish, load_sweep_splits
 
     where = experiment_location(args.experiment)
@@ -257,6 +289,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if errors else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pneumo_ray import export
+
+    with reading_experiment(args.experiment):
+        model, spec = export.export(Path(args.experiment).expanduser(), args.format, Path(args.out).expanduser(),
+                                    rank=args.rank, ensemble=args.ensemble)
+    threshold = json.loads(spec.read_text())["threshold"]
+    print(f"Wrote {model} and {spec.name}: input uint8 images as {spec.name} says, output p_pneumonia; "
+          f"pneumonia if p_pneumonia >= {threshold:.4f}")
+    return 0
+
+
 def show_progress() -> None:
     """The library reports progress and warnings through logging; a command shows them on stdout, beside
     its results. Replaces the handler an earlier call in this process set, so nothing prints twice."""
@@ -277,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     show_progress()
     try:
         commands = {"sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "report": cmd_report, "predict": cmd_predict,
-                    "lr-find": cmd_lr_find}
+                    "lr-find": cmd_lr_find, "export": cmd_export,
+                    "validate": cmd_validate}
         return commands[args.command](args)
     except UserError as err:
         print(f"pneumo-ray: error: {err}", file=sys.stderr)

@@ -20,7 +20,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pneumo_ray import storage
+from pneumo_ray import package_version, storage
 from pneumo_ray.config import Config, ConfigError, DataConfig
 from pneumo_ray.layout import MANIFEST_FILE
 
@@ -32,15 +32,6 @@ PACKAGES = ("ray", "torch", "torchvision", "timm", "optuna", "scikit-learn", "nu
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def pneumo_ray_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pneumo-ray")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed)"
 
 
 def git_state(root: Path = CHECKOUT) -> dict | None:
@@ -64,7 +55,7 @@ def packages() -> dict[str, str]:
     """Python, pneumo-ray and the libraries a result depends on, with torch's build (CUDA version or CPU)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    found = {"python": platform.python_version(), "pneumo-ray": pneumo_ray_version()}
+    found = {"python": platform.python_version(), "pneumo-ray": package_version()}
     for name in PACKAGES:
         try:
             found[name] = version(name)
@@ -111,7 +102,7 @@ def cluster_nodes() -> list[dict]:
             entry.update(node_facts() if node["NodeID"] == here else ray.get(remote.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(), timeout=60))
         except Exception as err:  # a node that cannot run a task now: say so rather than fail the sweep
-            entry["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else type(err).__name__
+            entry["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
         nodes.append(entry)
     return nodes
 
@@ -185,6 +176,8 @@ def begin_session(cfg: Config, identity: dict, argv: list[str] | None = None) ->
     import ray
 
     saved = load(cfg.experiment_uri) or {"experiment": cfg.experiment.name, "data": identity, "sessions": []}
+    if saved["sessions"] and saved["sessions"][-1]["outcome"] == "running":  # its driver never closed it
+        saved["sessions"][-1]["outcome"] = "killed (its driver ended without closing this session)"
     saved["sessions"].append({
         "command": shlex.join(argv if argv is not None else sys.argv), "cwd": os.getcwd(), "started": now(),
         "ended": None, "outcome": "running", "git": git_state(), "packages": packages(),

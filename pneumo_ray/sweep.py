@@ -36,10 +36,10 @@ class Prepared:
     data_identity: dict | None = None  # manifest.json's "data": checked on --resume, recorded on a new start
 
 
-def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
+def prepare(cfg: Config, resume: bool, local: bool = False, check_ray: bool = True) -> Prepared:
     """All pre-flight checks, before Ray starts: experiment folder (and on --resume its saved state), the
     study's database, data, models, free space, and for a sweep on this machine (``local``), that one
-    trial fits its cores and no other Ray runs here. Raises ConfigError."""
+    trial fits its cores and (``check_ray``) that no other Ray runs here. Raises ConfigError."""
     exp_uri = cfg.experiment_uri
     try:
         storage.check_reachable(exp_uri)
@@ -66,6 +66,10 @@ def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
                           "pass --resume to continue it or --name NEW to start another (nothing was overwritten)")
     if cfg.search.optuna_storage:
         check_study_storage(cfg.search.optuna_storage)
+    if cfg.tracking.mlflow.tracking_uri:
+        from pneumo_ray import tracking
+
+        tracking.check(cfg)
     from pneumo_ray.model_settings import check_models
 
     splits = load_sweep_splits(cfg)
@@ -78,7 +82,7 @@ def prepare(cfg: Config, resume: bool, local: bool = False) -> Prepared:
     free = storage.free_bytes(exp_uri)
     if free is not None and free < reserve:
         raise ConfigError(f"{low_space(exp_uri, free, reserve)}; free some space or choose another --storage")
-    if local:  # last: whatever is wrong with the input is said first
+    if local and check_ray:  # last: whatever is wrong with the input is said first
         cluster.check_no_other_ray()
     return Prepared(cfg, splits, resume, reserve, identity)
 
@@ -213,6 +217,10 @@ def run(prepared: Prepared, address: str | None = None, leaderboard: bool = True
     exp_uri = cfg.experiment_uri
     if not prepared.resume:
         claim_experiment(cfg)
+    if cfg.tracking.mlflow.tracking_uri:
+        from pneumo_ray.tracking import ensure_experiment
+
+        ensure_experiment(cfg)
     log.info("data %s", splits.summary())
     log.info("experiment %s  (tensorboard --logdir %s)", exp_uri, exp_uri)
 
@@ -265,8 +273,10 @@ def make_tuner(cfg: Config, splits: Splits, resume: bool, concurrency: int, stor
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from pneumo_ray.progress import ProgressLine
     from pneumo_ray.search_space import DefineByRun, make_sampler, stratified_start
     from pneumo_ray.storage_watch import StorageWatch
+    from pneumo_ray.tracking import callbacks
     from pneumo_ray.trial import inline_run_config, reuse_trial_processes, tune_trial
 
     s, exp_uri = cfg.search, cfg.experiment_uri
@@ -286,14 +296,15 @@ def make_tuner(cfg: Config, splits: Splits, resume: bool, concurrency: int, stor
         sampler=make_sampler(cfg), study_name=cfg.experiment.name, storage=study_storage)
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=max(trial_epochs(cfg)), grace_period=s.asha.grace_period,
                                reduction_factor=s.asha.reduction_factor) if s.asha.enabled else FIFOScheduler())
+    watch = [StorageWatch(exp_uri, storage_reserve)] if storage_reserve and not storage.is_remote(exp_uri) else []
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=s.metric, mode=mode, search_alg=searcher, scheduler=scheduler,
                                     num_samples=s.num_samples, max_concurrent_trials=concurrency,
                                     time_budget_s=s.time_budget_s, reuse_actors=reuse_trial_processes(cfg)),
         run_config=tune.RunConfig(name=cfg.experiment.name, storage_path=exp_uri.rsplit("/", 1)[0],
-                                  callbacks=[StorageWatch(exp_uri, storage_reserve)] if storage_reserve and not
-                                  storage.is_remote(exp_uri) else None, **inline_run_config(cfg)),
+                                  callbacks=[ProgressLine(s.num_samples, s.metric, mode, s.time_budget_s),
+                                             *callbacks(cfg), *watch], **inline_run_config(cfg)),
     )
 
 
@@ -308,6 +319,10 @@ def finish(exp_dir: Path, exp_uri: str, cfg: Config, splits: Splits) -> list[dic
     rows = write_leaderboard(exp_dir, cfg, splits)
     write_model_card(exp_dir, cfg, splits)
     write_report(exp_dir, cfg, splits)
+    if cfg.tracking.mlflow.tracking_uri:
+        from pneumo_ray import tracking
+
+        tracking.log_leaderboard(cfg, exp_dir, rows)
     storage.publish(exp_dir, exp_uri, LEADERBOARD_OUTPUTS)
     return rows
 

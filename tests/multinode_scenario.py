@@ -154,6 +154,9 @@ def main(workdir: Path) -> dict:
         report["epochs"] = {t: [(e, nodes.get(n, "?")) for e, n in rows] for t, rows in node_of_epochs(exp).items()}
         board = exp / "leaderboard.json"
         report["leaderboard"] = json.loads(board.read_text()) if board.exists() else None
+        manifest = exp / "manifest.json"
+        report["manifest_nodes"] = (json.loads(manifest.read_text())["sessions"][0]["nodes"] if manifest.exists()
+                                    else None)
         report["driver_tail"] = out[-2000:]
     finally:
         kill_node(worker_tmp)

@@ -288,3 +288,34 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(["--version"])
     assert exited.value.code == 0 and capsys.readouterr().out.strip().startswith("pneumo-ray 0.")
+
+
+def test_validate_prints_the_config_and_plan_and_starts_and_writes_nothing(tmp_path, capsys,
+                                                                          private_ray_tmpdir):
+    """pneumo-ray validate: the sweep's checks, the resolved config, the plan and a time estimate from steps
+    timed here; no Ray (its temp folder stays empty), no experiment folder."""
+    storage = tmp_path / "results"
+    code = cli.main(["validate", "--config", str(SMOKE), "--storage", str(storage), "--num-samples", "5",
+                     "--set", "search.max_concurrent_trials=1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    resolved = yaml.safe_load(out.split("# the plan")[0])
+    assert resolved["search"]["num_samples"] == 5 and resolved["experiment"]["storage"] == str(storage)
+    plan = out.split("# the plan")[1]
+    assert "trials: 5 (tpe sampler over cnn_bn, mlp)" in plan and "at once: 1 trial(s)" in plan
+    estimate = next(line for line in plan.splitlines() if line.startswith("estimate: "))
+    assert "cnn_bn ~" in estimate and "mlp ~" in estimate and "the sweep ~" in estimate
+    assert out.rstrip().endswith("nothing was started or written")
+    assert not storage.exists() and os.listdir(private_ray_tmpdir) == []
+
+    code = cli.main(["validate", "--config", str(SMOKE), "--storage", str(storage), "--set", "search.model=[vgg16]",
+                     "--set", "data.size=28"])
+    assert code == 2 and "search.model: 'vgg16' cannot be built for 28px images" in capsys.readouterr().err
+
+
+def test_an_mlflow_server_that_does_not_answer_is_one_line_before_ray(tmp_path, capsys):
+    code, err = run_main(capsys, "--config", str(SMOKE), "--storage", str(tmp_path),
+                         "--set", "tracking.mlflow.tracking_uri=http://127.0.0.1:9")
+    assert code == 2 and err.startswith("pneumo-ray: error: tracking.mlflow.tracking_uri: cannot use "
+                                        "http://127.0.0.1:9") and "\n" not in err
+    assert not any(tmp_path.iterdir())

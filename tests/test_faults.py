@@ -125,35 +125,6 @@ def test_killed_worker_of_a_cross_validated_trial_resumes_every_fold(tmp_path, r
           f"sweep finished {seconds:.0f} s after the kill")
 
 
-def test_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path, ray_address):
-    args = ["--config", str(SMOKE), "--storage", str(tmp_path), "--name", "killdriver", "--num-samples", "3",
-            "--epochs", "2", "--address", ray_address]
-    exp = tmp_path / "killdriver"
-    log = tmp_path / "driver.log"
-    driver = start_driver(*args, log=log)
-    wait_for(lambda: sum(s == "TERMINATED" for s in trial_statuses(exp).values()) >= 1, 300,
-             "a finished trial", driver, log)
-    finished_before = {t for t, s in trial_statuses(exp).items() if s == "TERMINATED"}
-    epochs_before = {t: e for t, e in reported_epochs(exp).items() if t in finished_before}
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=30)
-    killed_at = time.time()
-
-    resumed = run_cli(*args, "--resume")
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    statuses = trial_statuses(exp)
-    assert len(statuses) == 3 and set(statuses.values()) == {"TERMINATED"}, f"{statuses}\n{trial_errors(exp)}"
-    for trial_id, epochs in epochs_before.items():
-        assert reported_epochs(exp)[trial_id] == epochs, f"finished trial {trial_id} was run again"
-    complete = [n for n, s in study_rows(exp) if s == "COMPLETE"]
-    assert len(complete) == 3, study_rows(exp)
-    assert "RUNNING" not in {s for _, s in study_rows(exp)}, "orphaned study rows must be closed on resume"
-    rows = ranked_rows(exp)
-    assert len(rows) == 3 and {r["trial_id"] for r in rows} <= set(statuses)
-    print(f"\n[fault 2] driver killed with {len(finished_before)} of 3 trials finished; after --resume "
-          f"{len(statuses)} trials, {len(complete)} complete study rows; resume took {time.time() - killed_at:.0f} s")
-
-
 def test_diverging_trial_fails_with_its_reason_and_spares_the_rest(tmp_path, ray_address):
     cfg = config_file(tmp_path, num_samples=2, initial_points=[
         {"model": "mlp", "optimizer": "sgd", "lr": 1.0e6, "class_weighting": "none"}])  # blows up within steps

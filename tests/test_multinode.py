@@ -44,6 +44,10 @@ def test_two_node_sweep_survives_losing_the_worker_node(tmp_path):
         numbers = [e for e, _ in epochs[trial]]
         assert numbers == sorted(numbers) and numbers.count(1) == 1, f"{trial} restarted instead of resuming"
     assert report["leaderboard"] and [r["row"] for r in report["leaderboard"]] == ["1", "2", "ensemble"]
+    # manifest.json: both nodes as they were at the start, the worker's facts from a task that ran on it
+    listed = report["manifest_nodes"]
+    assert len(listed) == 2 and len({n["node_id"] for n in listed}) == 2, listed
+    assert all("error" not in n and n["cores"] >= 1 and n["os"] and n["ray_resources"]["CPU"] == 2 for n in listed)
     print(f"\n[fault 3] worker node stopped ({report['killed_processes']} processes); "
           f"moved trial(s) {moved} with epochs {[epochs[t] for t in moved]}; "
           f"sweep finished {report['recovery_s']} s after the stop")

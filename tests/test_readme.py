@@ -26,7 +26,7 @@ def smoke_commands() -> list[str]:
 def test_readme_commands_on_the_smoke_sweep_run_as_typed(smoke_experiment, user_workdir):
     exp, _ = smoke_experiment
     commands = smoke_commands()
-    assert {c.split()[1] for c in commands} >= {"leaderboard", "report", "predict"}, commands
+    assert {c.split()[1] for c in commands} >= {"leaderboard", "report", "predict", "export"}, commands
     for command in commands:
         for arg in shlex.split(command):  # the X-rays a user would bring, made from the smoke test split
             if arg.endswith((".png", ".jpeg", ".jpg")) and not (user_workdir / arg).exists():
@@ -41,6 +41,9 @@ def test_readme_commands_on_the_smoke_sweep_run_as_typed(smoke_experiment, user_
             rows = [line.split("\t") for line in result.stdout.splitlines() if not line.startswith("#")]
             assert rows[0] == ["image", "p_pneumonia", "label"] and len(rows) >= 2
             assert all(0 <= float(p) <= 1 and label in ("normal", "pneumonia") for _, p, label in rows[1:])
+        if command.split()[1] == "export":  # the model file and what a program needs to feed it
+            out = user_workdir / shlex.split(command)[shlex.split(command).index("--out") + 1]
+            assert (out / "preprocess.json").is_file() and len(list(out.iterdir())) == 2, list(out.iterdir())
     assert (exp / "report.html").is_file()
 
 
@@ -58,6 +61,38 @@ def test_a_leaderboard_without_checkpoints_says_where_it_looked(smoke_experiment
     assert "\n" not in error and error.startswith("pneumo-ray: error: ")
     assert f"3 trial(s) reported epochs but no checkpoint was found under {copy}/train_runs" in error
     assert "No trial finished an epoch" not in result.stdout + result.stderr
+
+
+def test_readme_optuna_dashboard_serves_the_smoke_study(smoke_experiment, user_workdir):
+    """The README's optuna-dashboard command, as printed, from the user's working directory: its API lists the
+    smoke sweep's study with its three trials."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    command = next(c for c in readme_commands() if c.startswith("optuna-dashboard "))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=user_workdir, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, studies = time.time() + 60, None
+        while studies is None and time.time() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:8080/api/studies", timeout=5) as response:
+                    studies = json.load(response)["study_summaries"]
+            except OSError:
+                time.sleep(0.5)
+        assert studies and studies[0]["study_name"] == "smoke", studies
+        with urllib.request.urlopen(f"http://127.0.0.1:8080/api/studies/{studies[0]['study_id']}", timeout=10) as r:
+            assert [t["state"] for t in json.load(r)["trials"]] == ["Complete"] * 3
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_readme_lr_find_runs_as_typed(user_workdir):

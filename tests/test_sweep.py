@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import signal
 import sqlite3
-import time
+import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -105,6 +109,30 @@ def test_smoke_sweep_writes_leaderboard_report_tensorboard_and_study(smoke_exper
     assert "Not distinguishable from rank 1 by AUC" in report and "Not distinguishable from rank 1" in board
     assert all(0 <= r["test_auc_vs_1_p"] <= 1 and 0 <= r["val_auc_vs_1_p"] <= 1 for r in rows)
 
+    # One progress line per ended trial, beside Tune's table; the last has no time left to estimate.
+    progress = [line for line in result.stdout.splitlines() if line.startswith("[pneumo-ray] trials ")]
+    assert [line.split()[2] for line in progress] == ["1/3", "2/3", "3/3"], progress
+    assert "ETA ~" in progress[0] and "ETA" not in progress[-1], progress
+    assert re.search(r" · best val_auc [01]\.\d{4} \(trial [0-9a-f]{8}, (cnn_bn|mlp)\) · elapsed ", progress[-1])
+
+    # manifest.json: this checkout's commit, the packages, the one node, the session's command and outcome
+    manifest = json.loads((exp / "manifest.json").read_text())
+    assert manifest["data"]["source"] == "synthetic" and manifest["data"]["class_counts"]["test"] == {
+        "normal": int((np.load(exp / "predictions.npz")["test_y"] == 0).sum()),
+        "pneumonia": int((np.load(exp / "predictions.npz")["test_y"] == 1).sum())}
+    (session,) = manifest["sessions"]
+    assert "smoke.yaml" in session["command"] and session["outcome"] == "trials finished"
+    assert session["started"] <= session["ended"]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout (CI's clone is one)
+        assert session["git"]["commit"] == head.stdout.strip()
+    assert session["packages"]["torch"] == version("torch") and session["packages"]["ray"] == version("ray")
+    (node,) = session["nodes"]
+    assert node["cores"] == os.cpu_count() and session["cluster_resources"]["CPU"] == os.cpu_count()
+    card = (exp / "MODEL_CARD.md").read_text()
+    assert "## Intended use" in card and "not a medical device" in card and f"`{session['command']}`" in card
+    assert "Model card: smoke, rank 1" in report and "Known limitations" in report
+
     # Re-running the same name is refused before Ray starts, and nothing is touched.
     before = {p: p.stat().st_mtime_ns for p in exp.rglob("*")}
     again = run_cli("--config", SMOKE, "--storage", str(tmp_path), "--name", "smoke")
@@ -113,23 +141,21 @@ def test_smoke_sweep_writes_leaderboard_report_tensorboard_and_study(smoke_exper
     assert {p: p.stat().st_mtime_ns for p in exp.rglob("*")} == before
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_address):
-    """Started from one working directory with a relative --storage, resumed from another with a relative
-    --storage that names the same folder."""
+def test_interrupted_then_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path, ray_address):
+    """Ctrl+C once a trial has finished (exit 130, state saved), --resume from another working directory with a
+    relative --storage naming the same folder, SIGKILL that driver once another trial has finished (its Optuna rows
+    stay RUNNING), --resume again: every trial ran once, finished ones were not run again, and the manifest and
+    MLflow show the three sessions as one experiment."""
+    from tests.test_faults import study_rows, wait_for
+
     first_cwd = tmp_path / "first"
     first_cwd.mkdir()
-    args = ["--config", SMOKE, "--name", "resumable", "--num-samples", "3", "--epochs", "2", "--address", ray_address]
+    args = ["--config", SMOKE, "--name", "resumable", "--num-samples", "4", "--epochs", "2", "--address", ray_address,
+            "--set", "tracking.mlflow.tracking_uri=sqlite:///mlflow.db"]  # in the first working directory
     exp = first_cwd / "results" / "resumable"
     log = tmp_path / "driver.log"
     driver = start_driver(*args, "--storage", "results", log=log, cwd=first_cwd)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # interrupt once the first trial has finished
-        if "COMPLETE" in study_states_so_far(exp):
-            break
-        time.sleep(1)
-    else:
-        driver.kill()
-        pytest.fail("no trial completed within 300 s")
+    wait_for(lambda: "COMPLETE" in study_states_so_far(exp), 300, "a finished trial", driver, log)
     driver.send_signal(signal.SIGINT)  # Ctrl+C
     assert driver.wait(timeout=180) == 130, log.read_text()[-3000:]
     out = log.read_text()
@@ -137,19 +163,40 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, r
     assert not (exp / "leaderboard.json").exists()
     saved = yaml.safe_load((exp / "pneumo_config.yaml").read_text())
     assert saved["experiment"]["storage"] == str(first_cwd.resolve() / "results")
-
     finished = terminated_trials(exp)
     assert finished, "at least one trial had finished before the interrupt"
     snapshots = {t: run_snapshot(exp, t) for t in finished}
 
-    resumed = run_cli(*args, "--storage", "first/results", "--resume", cwd=tmp_path)
+    resume = [*args, "--storage", "first/results", "--resume"]
+    driver = start_driver(*resume, log=log, cwd=tmp_path)
+    wait_for(lambda: len(terminated_trials(exp)) > len(finished), 300, "another finished trial", driver, log)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    finished = terminated_trials(exp)
+    snapshots.update({t: run_snapshot(exp, t) for t in finished - set(snapshots)})
+
+    resumed = run_cli(*resume, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert len(trial_dirs(exp)) == 3
-    assert study_states(exp) == ["COMPLETE"] * 3, "each trial is in the Optuna study exactly once"
-    assert len(terminated_trials(exp)) == 3
+    assert len(trial_dirs(exp)) == 4 and len(terminated_trials(exp)) == 4
+    assert study_states(exp) == ["COMPLETE"] * 4, f"each trial once, orphaned rows closed: {study_rows(exp)}"
     for trial_id, snapshot in snapshots.items():  # finished trials were not run again
         assert run_snapshot(exp, trial_id) == snapshot, trial_id
     rows = ranked_rows(exp)
     assert len(rows) == 3 and all(0 <= r["test_auc"] <= 1 for r in rows)
     assert all(Path(r["checkpoint"]).is_relative_to(exp.resolve() / "best") for r in rows)
     assert not (tmp_path / "results").exists(), "the resumed run wrote into its own working directory"
+
+    sessions = json.loads((exp / "manifest.json").read_text())["sessions"]
+    assert [s["outcome"].split()[0] for s in sessions] == ["interrupted", "killed", "trials"]
+    assert "--resume" not in sessions[0]["command"] and "--resume" in sessions[2]["command"]
+    assert sessions[1]["ended"] is None and sessions[2]["cwd"] == str(tmp_path)
+    # MLflow: the resumed sessions went on with each trial's run; one run per trial, and the leaderboard's
+    from mlflow.tracking import MlflowClient
+
+    tracker = MlflowClient(f"sqlite:///{first_cwd / 'mlflow.db'}")
+    runs = tracker.search_runs([tracker.get_experiment_by_name("resumable").experiment_id])
+    names = sorted(r.info.run_name for r in runs)
+    assert names.count("leaderboard") == 1 and len(names) == 5, names
+    trial_runs = [r for r in runs if r.info.run_name != "leaderboard"]
+    assert sorted(r.data.tags["trial_name"].split("_")[2] for r in trial_runs) == sorted(terminated_trials(exp))
+    assert all(r.info.status == "FINISHED" for r in runs)
