@@ -258,6 +258,8 @@ def model_card_section(exp_dir: Path) -> str:
     """MODEL_CARD.md as HTML, its headings one level down: intended use, data, metrics, limitations, manifest."""
     import markdown
 
+    if not (exp_dir / MODEL_CARD_FILE).is_file():
+        return f'<h2>Model card</h2><p class="note">No {MODEL_CARD_FILE} in the experiment.</p>'
     card = (exp_dir / MODEL_CARD_FILE).read_text().replace("\n## ", "\n### ").replace("# Model card", "## Model card", 1)
     return markdown.markdown(html.escape(card, quote=False), extensions=["tables"])
 

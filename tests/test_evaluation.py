@@ -293,6 +293,7 @@ def test_report_without_tune_or_optuna_state_still_renders(tmp_path):
     page = write_report(exp_dir, cfg, splits).read_text()
 
     assert "No optuna.db in the experiment" in page and "No Tune results found" in page
+    assert "No MODEL_CARD.md in the experiment" in page  # the leaderboard step writes it; here only the rows
     assert "No ranked model has a convolutional feature map" in page  # three MLPs
     assert page.count("data:image/png;base64,") == 3  # ROC/PR, confusion matrices, reliability diagram
     assert not (exp_dir / "optuna.db").exists()
