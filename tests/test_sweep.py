@@ -132,6 +132,7 @@ def test_smoke_sweep_writes_leaderboard_report_tensorboard_and_study(smoke_exper
     card = (exp / "MODEL_CARD.md").read_text()
     assert "## Intended use" in card and "not a medical device" in card and f"`{session['command']}`" in card
     assert "Model card: smoke, rank 1" in report and "Known limitations" in report
+    assert "Manifest (manifest.json)" in report and session["started"] in report  # the manifest, in the report
 
     # Re-running the same name is refused before Ray starts, and nothing is touched.
     before = {p: p.stat().st_mtime_ns for p in exp.rglob("*")}
