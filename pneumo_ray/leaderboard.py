@@ -205,7 +205,7 @@ def save_rows(exp_dir: Path, rows: list[dict], settings: dict | None = None) -> 
     (exp_dir / LEADERBOARD_MD).write_text(to_markdown(rows, settings))
 
 
-def _fmt(value) -> str:
+def format_value(value) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -253,7 +253,7 @@ def results_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     metric = next(k for k in rows[0] if k.startswith("val_"))
     header = ["rank", "model", metric, "threshold", *(METRIC_TITLES[m] for m in CI_METRICS), "AUC - #1 (p)",
               *(f"{METRIC_TITLES[m]} @0.5" for m in CI_METRICS if m != "auc"), "ECE", "Brier"]
-    body = [[r["row"], r["model"], _fmt(r[metric]), f"{r['threshold']:.3f}",
+    body = [[r["row"], r["model"], format_value(r[metric]), f"{r['threshold']:.3f}",
              *(with_ci(r, f"test_{m}") for m in CI_METRICS), versus_first(r),
              *(f"{r[f'test_{m}{HALF}']:.3f}" for m in CI_METRICS if m != "auc"),
              f"{r['test_ece']:.3f}", f"{r['test_brier']:.3f}"] for r in rows]
@@ -273,19 +273,19 @@ def configs_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     has a value in (an optional dimension the sweep did not search, no early stop) is left out."""
     ranked = trial_rows(rows)
     columns = [c for c in CONFIG_COLUMNS if any(r[c] is not None for r in ranked)]
-    return columns, [[_fmt(r[c]) for c in columns] for r in ranked]
+    return columns, [[format_value(r[c]) for c in columns] for r in ranked]
 
 
-def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in body]
 
 
 def to_markdown(rows: list[dict], settings: dict | None = None) -> str:
-    lines = _markdown(*results_table(rows)) + [""] + _markdown(*configs_table(rows))
+    lines = markdown_table(*results_table(rows)) + [""] + markdown_table(*configs_table(rows))
     runs = runs_table(rows, next(k for k in rows[0] if k.startswith("val_")))
     if runs:  # leaderboard.repeats: each configuration over its seeds
         lines += ["", "Over each configuration's runs (its own and its repeats, each at its own val threshold):",
-                  "", *_markdown(*runs)]
+                  "", *markdown_table(*runs)]
     text = describe(settings) + "\n\n" + "\n".join(lines) if settings else "\n".join(lines)
     text += "\n\n" + comparison_sentence(rows) if len(rows) > 1 else ""
     return text + "\n\nCheckpoints: " + ", ".join(f"rank {r['rank']}: `{r['checkpoint']}`"

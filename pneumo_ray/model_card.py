@@ -13,7 +13,15 @@ from pathlib import Path
 from pneumo_ray.config import Config
 from pneumo_ray.data import Splits
 from pneumo_ray.layout import EVALUATION_FILE, LEADERBOARD_JSON, MANIFEST_FILE, MODEL_CARD_FILE
-from pneumo_ray.leaderboard import HALF, HYPERPARAMS, _fmt, _markdown, comparison_sentence, is_ensemble, trial_rows
+from pneumo_ray.leaderboard import (
+    HALF,
+    HYPERPARAMS,
+    comparison_sentence,
+    format_value,
+    is_ensemble,
+    markdown_table,
+    trial_rows,
+)
 from pneumo_ray.model_settings import trains_at
 
 KERMANY = ("paediatric chest X-rays (children aged one to five) from one centre, Guangzhou Women and Children's "
@@ -41,7 +49,7 @@ def ci(row: dict, key: str) -> str:
 def metrics_table(row: dict) -> list[str]:
     body = [["AUC", ci(row, "test_auc"), "(threshold-free)"]]
     body += [[title, ci(row, f"test_{key}"), ci(row, f"test_{key}{HALF}")] for key, title in METRICS]
-    return _markdown(["test metric", f"at the val-chosen threshold {row['threshold']:.3f}", "at 0.5"], body)
+    return markdown_table(["test metric", f"at the val-chosen threshold {row['threshold']:.3f}", "at 0.5"], body)
 
 
 def manifest_lines(manifest: dict | None) -> list[str]:
@@ -71,7 +79,7 @@ def model_card(rows: list[dict], settings: dict, cfg: Config, manifest: dict | N
     first = trial_rows(rows)[0]
     ensemble = next((r for r in rows if is_ensemble(r)), None)
     metric = next(k for k in first if k.startswith("val_") and not k.startswith("val_auc_vs"))
-    setup = ", ".join(f"{name} {_fmt(first[name])}" for name in HYPERPARAMS if first.get(name) is not None)
+    setup = ", ".join(f"{name} {format_value(first[name])}" for name in HYPERPARAMS if first.get(name) is not None)
     folds = settings.get("cv_folds", 0)
     selection = (f"{folds}-fold cross-validation over train+val (its {metric} is the fold-models' mean; its test "
                  f"probability the mean of its {folds} fold-models')" if folds else f"{metric} on the val split")
