@@ -143,16 +143,22 @@ def test_smoke_sweep_writes_leaderboard_report_tensorboard_and_study(smoke_exper
 
 
 def test_interrupted_then_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path, ray_address):
-    """Ctrl+C once a trial has finished (exit 130, state saved), --resume from another working directory with a
-    relative --storage naming the same folder, SIGKILL that driver once another trial has finished (its Optuna rows
-    stay RUNNING), --resume again: every trial ran once, finished ones were not run again, and the manifest and
-    MLflow show the three sessions as one experiment."""
+    """A sweep whose first trial diverges; Ctrl+C once another trial has finished (exit 130, state saved), --resume
+    from another working directory with a relative --storage naming the same folder, SIGKILL that driver once
+    another trial has finished (its Optuna rows stay RUNNING), --resume again: every trial ran once, finished ones
+    were not run again, the diverged one failed with its reason and spared the rest, and the manifest and MLflow
+    show the three sessions as one experiment."""
     from tests.test_faults import study_rows, wait_for
 
+    raw = yaml.safe_load(Path(SMOKE).read_text())
+    raw["search"]["initial_points"] = [{"model": "mlp", "optimizer": "sgd", "lr": 1.0e6, "class_weighting": "none"}]
+    raw["leaderboard"]["gradcam_images"] = 0
+    cfg_file = tmp_path / "resumable.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw))
     first_cwd = tmp_path / "first"
     first_cwd.mkdir()
-    args = ["--config", SMOKE, "--name", "resumable", "--num-samples", "4", "--epochs", "2", "--address", ray_address,
-            "--set", "tracking.mlflow.tracking_uri=sqlite:///mlflow.db"]  # in the first working directory
+    args = ["--config", str(cfg_file), "--name", "resumable", "--num-samples", "5", "--epochs", "2",  # MLflow store
+            "--address", ray_address, "--set", "tracking.mlflow.tracking_uri=sqlite:///mlflow.db"]  # in first_cwd
     exp = first_cwd / "results" / "resumable"
     log = tmp_path / "driver.log"
     driver = start_driver(*args, "--storage", "results", log=log, cwd=first_cwd)
@@ -178,12 +184,20 @@ def test_interrupted_then_killed_sweep_resumes_without_losing_or_rerunning_trial
 
     resumed = run_cli(*resume, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert len(trial_dirs(exp)) == 4 and len(terminated_trials(exp)) == 4
-    assert study_states(exp) == ["COMPLETE"] * 4, f"each trial once, orphaned rows closed: {study_rows(exp)}"
+    statuses = trial_statuses(exp)
+    (diverged,) = [t for t, s in statuses.items() if s == "ERROR"]
+    assert len(trial_dirs(exp)) == 5 and len(terminated_trials(exp)) == 4
+    assert study_states(exp) == ["FAIL"] + ["COMPLETE"] * 4, f"each trial once, orphaned rows closed: {study_rows(exp)}"
+    # The diverged trial's reason reached its error.txt, in the first working directory's experiment (its
+    # relative storage), and the resumed driver's output; it was not run again.
+    error = (next(exp.glob(f"tune_trial_{diverged}_*")) / "error.txt").read_text()
+    assert "diverged" in error and "lr=1e+06" in error
+    assert "failed" in resumed.stdout and "diverged" in resumed.stdout
     for trial_id, snapshot in snapshots.items():  # finished trials were not run again
         assert run_snapshot(exp, trial_id) == snapshot, trial_id
     rows = ranked_rows(exp)
     assert len(rows) == 3 and all(0 <= r["test_auc"] <= 1 for r in rows)
+    assert diverged not in {r["trial_id"] for r in rows}
     assert all(Path(r["checkpoint"]).is_relative_to(exp.resolve() / "best") for r in rows)
     assert not (tmp_path / "results").exists(), "the resumed run wrote into its own working directory"
 
@@ -197,7 +211,8 @@ def test_interrupted_then_killed_sweep_resumes_without_losing_or_rerunning_trial
     tracker = MlflowClient(f"sqlite:///{first_cwd / 'mlflow.db'}")
     runs = tracker.search_runs([tracker.get_experiment_by_name("resumable").experiment_id])
     names = sorted(r.info.run_name for r in runs)
-    assert names.count("leaderboard") == 1 and len(names) == 5, names
+    assert names.count("leaderboard") == 1 and len(names) == 6, names
     trial_runs = [r for r in runs if r.info.run_name != "leaderboard"]
-    assert sorted(r.data.tags["trial_name"].split("_")[2] for r in trial_runs) == sorted(terminated_trials(exp))
-    assert all(r.info.status == "FINISHED" for r in runs)
+    status = {r.data.tags["trial_name"].split("_")[2]: r.info.status for r in trial_runs}
+    assert status == {t: "FAILED" if t == diverged else "FINISHED" for t in statuses}
+    assert [r.info.status for r in runs if r.info.run_name == "leaderboard"] == ["FINISHED"]
