@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 def inline_config(tmp_path: Path, models: dict | None = None, tracking: dict | None = None, **search) -> Path:
     raw = yaml.safe_load(SMOKE.read_text())
     raw["search"].update(search)
+    raw["leaderboard"]["gradcam_images"] = 0  # no test here looks at the report's Grad-CAM figures
     raw["models"] = models or {}
     raw["tracking"] = tracking or {}
     raw["resources"] = {"launcher": "inline", "gpus_per_worker": 0}

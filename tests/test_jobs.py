@@ -33,6 +33,7 @@ def test_sweeps_submitted_at_once_share_the_cluster_and_one_name_runs_once(ray_s
     # One trial at a time per sweep: with the cluster's two trial slots, the sweeps can only overlap by sharing.
     cfg = yaml.safe_load((ROOT / "sweeps" / "configs" / "smoke.yaml").read_text())
     cfg["search"]["max_concurrent_trials"] = 1
+    cfg["leaderboard"]["gradcam_images"] = 0  # the report's Grad-CAM figures are test_report's
     config = tmp_path / "one-at-a-time.yaml"
     config.write_text(yaml.safe_dump(cfg))
 

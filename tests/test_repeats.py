@@ -21,7 +21,7 @@ def test_repeats_retrain_the_top_configurations_and_rank_on_their_mean(tmp_path,
     raw = yaml.safe_load(SMOKE.read_text())
     raw["search"].update(num_samples=2, model=["cnn_bn"], asha={"enabled": False})
     raw["train"]["epochs"] = 1
-    raw["leaderboard"].update(top_k=2, repeats=2)
+    raw["leaderboard"].update(top_k=2, repeats=2, gradcam_images=0)  # Grad-CAM figures are test_report's
     # Inline trials: the repeats are launched as any trial is, and inline trials start in a fraction of a
     # TorchTrainer's time; the TorchTrainer path has its own tests (test_sweep, test_faults).
     raw["resources"] = {"launcher": "inline", "gpus_per_worker": 0}
