@@ -6,6 +6,7 @@ commands on its output (leaderboard, report, predict), so the README cannot drif
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 
@@ -24,9 +25,13 @@ def smoke_commands() -> list[str]:
 
 
 def test_readme_commands_on_the_smoke_sweep_run_as_typed(smoke_experiment, user_workdir):
+    """Each command as typed; `pneumo-ray report` rebuilds report.html and the very leaderboard the sweep wrote
+    (its bootstrap is seeded: the same intervals)."""
     exp, _ = smoke_experiment
     commands = smoke_commands()
     assert {c.split()[1] for c in commands} >= {"leaderboard", "report", "predict", "export"}, commands
+    board = json.loads((exp / "leaderboard.json").read_text())
+    (exp / "report.html").unlink()
     for command in commands:
         for arg in shlex.split(command):  # the X-rays a user would bring, made from the smoke test split
             if arg.endswith((".png", ".jpeg", ".jpg")) and not (user_workdir / arg).exists():
@@ -37,6 +42,9 @@ def test_readme_commands_on_the_smoke_sweep_run_as_typed(smoke_experiment, user_
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
         if command.split()[1] in ("leaderboard", "report"):
             assert "| rank | model |" in result.stdout
+        if command.split()[1] == "report":
+            assert json.loads((exp / "leaderboard.json").read_text()) == board
+            assert (exp / "report.html").stat().st_size > 50_000 and "report.html" in result.stdout
         if command.split()[1] == "predict":
             rows = [line.split("\t") for line in result.stdout.splitlines() if not line.startswith("#")]
             assert rows[0] == ["image", "p_pneumonia", "label"] and len(rows) >= 2
