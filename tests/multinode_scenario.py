@@ -2,9 +2,12 @@
 
 Run by tests/test_multinode.py as ``unshare -n python -m tests.multinode_scenario WORKDIR``: in the new
 namespace loopback is the only address, so Ray cannot wander onto the machine's other IP and nothing
-leaves the machine. It starts a head and a worker node (``ray start``, separate temp dirs), runs a sweep
-whose trials land on both, stops the worker node by PID mid-sweep, lets the sweep finish on the head,
-prints one JSON line of what happened, and stops every process it started, by PID. Never ``ray stop``.
+leaves the machine. It starts a head and a worker node (``ray start``, separate temp dirs) and runs a
+cross-validated sweep whose one trial needs both: a fold on each node. Once the folds have saved a
+checkpoint it stops the worker node by PID and starts a replacement, as an autoscaler would; the trial
+waits for room, restarts its folds on the head and the new node from that checkpoint, and the sweep
+finishes. It prints one JSON line of what happened and stops every process it started, by PID. Never
+``ray stop``.
 """
 
 from __future__ import annotations
@@ -62,72 +65,71 @@ def zombie(pid: int) -> bool:
         return True
 
 
-def node_of_epochs(exp: Path) -> dict[str, list[tuple[int, str]]]:
-    out = {}
-    for trial_dir in exp.glob("tune_trial_*"):
-        result = trial_dir / "result.json"
-        lines = result.read_text().splitlines() if result.exists() else []
-        rows = [json.loads(line) for line in lines]
-        out[trial_dir.name.split("_")[2]] = [(r["epoch"], r.get("node_id", "")) for r in rows]
-    return out
+def start_node(env: dict, tmpdir: str, *args: str) -> None:
+    subprocess.run(["ray", "start", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", *args],
+                   env={**env, "RAY_TMPDIR": tmpdir}, check=True, capture_output=True, timeout=120)
 
 
-def cross_validated_trial_nodes(workdir: Path, address: str, env: dict, head_tmp: str, nodes: dict) -> dict:
-    """One trial with data.cv_folds: 2 whose fold workers take 2 CPUs each: no node has room for both, so its
-    folds must run side by side on the two nodes. Returns fold -> the node that trained it (from each fold's
-    checkpoint), and the driver's exit code."""
-    raw = yaml.safe_load((ROOT / "sweeps" / "configs" / "smoke.yaml").read_text())
-    raw["search"].update(num_samples=1, max_concurrent_trials=1, model=["cnn_bn"], asha={"enabled": False})
-    raw["data"]["cv_folds"] = 2
-    raw["train"]["epochs"] = 1
-    raw["resources"] = {"workers_per_trial": 1, "cpus_per_worker": 2}
-    config = workdir / "folds.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    run = subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), "--config", str(config), "--storage",
-                          str(workdir), "--name", "folds", "--address", address], env={**env, "RAY_TMPDIR": head_tmp},
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    placed = {}
-    for meta in (workdir / "folds" / "train_runs").glob("*/checkpoint_*/fold_*/meta.json"):
-        fold = json.loads(meta.read_text())
-        placed[fold["fold"]] = nodes.get(fold["metrics"]["node_id"], "?")
-    return {"placed": placed, "driver_rc": run.returncode, "tail": (run.stdout + run.stderr)[-1500:]}
+def node_names(address: str, known: dict[str, str]) -> dict[str, str]:
+    """Node id -> head / worker / replacement: a node with the worker_node resource that ``known`` lacks is
+    the replacement."""
+    import ray
+
+    ray.init(address=address, log_to_driver=False)
+    names = dict(known)
+    for n in ray.nodes():
+        if n["NodeID"] not in names:
+            names[n["NodeID"]] = ("head" if "worker_node" not in n["Resources"] else
+                                  "worker" if not known else "replacement")
+    ray.shutdown()
+    return names
+
+
+def fold_nodes(checkpoint: Path) -> dict[int, str]:
+    """Fold -> the node id that trained it, from one checkpoint's fold metas."""
+    metas = [json.loads(m.read_text()) for m in checkpoint.glob("fold_*/meta.json")]
+    return {m["fold"]: m["metrics"]["node_id"] for m in metas}
+
+
+def checkpoints(exp: Path) -> list[Path]:
+    """The trial's checkpoints with both folds' metas written, oldest first."""
+    found = [c for c in exp.glob("train_runs/*/checkpoint_*") if len(list(c.glob("fold_*/meta.json"))) == 2]
+    return sorted(found, key=lambda c: c.name)
+
+
+def reported_epochs(exp: Path) -> list[int]:
+    (result,) = exp.glob("tune_trial_*/result.json")
+    return [json.loads(line)["epoch"] for line in result.read_text().splitlines()]
 
 
 def main(workdir: Path) -> dict:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     base_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-                # after the worker node dies, its trial waits for the head to free up: allow for that
-                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
-    head_tmp, worker_tmp = tempfile.mkdtemp(prefix="mnh", dir="/tmp"), tempfile.mkdtemp(prefix="mnw", dir="/tmp")
+                # after the worker node dies, the trial waits for the replacement: allow for that
+                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+                # The GCS marks a silent node dead after about 2 s instead of Ray's default of about 15: until
+                # it does, Train may place the restarted folds on the dead node again, spending a retry
+                # (resources.max_failures) on each such attempt.
+                "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4"}
+    head_tmp, worker_tmp, spare_tmp = (tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("mnh", "mnw", "mns"))
     address = f"127.0.0.1:{PORT}"
     report: dict = {}
     try:
-        subprocess.run(["ray", "start", "--head", f"--port={PORT}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                        '--resources={"pneumo_trial": 2}', "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
-                       env={**base_env, "RAY_TMPDIR": head_tmp}, check=True, capture_output=True, timeout=120)
-        subprocess.run(["ray", "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                        '--resources={"worker_node": 1}', "--disable-usage-stats"],
-                       env={**base_env, "RAY_TMPDIR": worker_tmp}, check=True, capture_output=True, timeout=120)
-
+        start_node(base_env, head_tmp, "--head", f"--port={PORT}", '--resources={"pneumo_trial": 2}',
+                   "--dashboard-host=127.0.0.1")
+        start_node(base_env, worker_tmp, f"--address={address}", '--resources={"worker_node": 1}')
         os.environ.update({k: base_env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})  # before Ray loads
-        import ray
-
-        ray.init(address=address, log_to_driver=False)
-        nodes = {n["NodeID"]: ("worker" if "worker_node" in n["Resources"] else "head")
-                 for n in ray.nodes() if n["Alive"]}
-        ray.shutdown()
+        nodes = node_names(address, {})
         report["nodes"] = sorted(nodes.values())
 
-        report["fold_nodes"] = cross_validated_trial_nodes(workdir, address, base_env, head_tmp, nodes)
-
+        # One trial, 2 folds, each fold's worker 2 CPUs: no node has room for both folds, so they train side by
+        # side on the two nodes. Its second and third epochs leave time to stop the worker node after the first.
         raw = yaml.safe_load((ROOT / "sweeps" / "configs" / "smoke.yaml").read_text())
-        # Two trials, one per node, at once. Six epochs of 768 images leave time to stop the worker node
-        # mid-trial, as soon as both nodes have reported an epoch.
-        raw["search"].update(num_samples=2, max_concurrent_trials=2, model=["cnn_bn"])
-        raw["data"]["synthetic_train"] = 768
-        raw["train"]["epochs"] = 6
-        raw["resources"] = {"workers_per_trial": 2, "cpus_per_worker": 1}  # one trial fills one node
-        raw["search"]["asha"] = {"enabled": False}
+        raw["search"].update(num_samples=1, max_concurrent_trials=1, model=["cnn_bn"], asha={"enabled": False})
+        raw["leaderboard"]["gradcam_images"] = 0  # the report's Grad-CAM figures are test_report's
+        raw["data"]["cv_folds"] = 2
+        raw["train"]["epochs"] = 3
+        raw["resources"] = {"workers_per_trial": 1, "cpus_per_worker": 2}
         config = workdir / "multinode.yaml"
         config.write_text(yaml.safe_dump(raw))
         exp = workdir / "multinode"
@@ -138,30 +140,28 @@ def main(workdir: Path) -> dict:
                                       env={**base_env, "RAY_TMPDIR": head_tmp}, cwd=ROOT,
                                       stdout=out, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 400
-        while time.time() < deadline and driver.poll() is None:
-            # Trials on both nodes, as Tune has recorded them: a checkpoint the controller has not yet
-            # registered when the node dies is (rightly) not resumed from, and the trial restarts instead.
-            if {"head", "worker"} <= {nodes.get(n) for rows in node_of_epochs(exp).values() for _, n in rows}:
-                break
+        while time.time() < deadline and driver.poll() is None and not checkpoints(exp):
             time.sleep(0.2)
-        report["placed_before_stop"] = sorted(s for s in {nodes.get(n) for rows in node_of_epochs(exp).values()
-                                                         for _, n in rows} if s)
+        first = checkpoints(exp)
+        report["placed_before_stop"] = {k: nodes.get(n, "?") for k, n in fold_nodes(first[0]).items()} if first else {}
         report["killed_processes"] = kill_node(worker_tmp)
         stopped_at = time.time()
+        start_node(base_env, spare_tmp, f"--address={address}", '--resources={"worker_node": 1}')
         report["driver_rc"] = driver.wait(timeout=900)
-        out = log.read_text()
         report["recovery_s"] = round(time.time() - stopped_at, 1)
-        report["epochs"] = {t: [(e, nodes.get(n, "?")) for e, n in rows] for t, rows in node_of_epochs(exp).items()}
+        nodes = node_names(address, nodes)
+        last = checkpoints(exp)
+        report["placed_at_end"] = {k: nodes.get(n, "?") for k, n in fold_nodes(last[-1]).items()} if last else {}
+        report["epochs"] = reported_epochs(exp)
         board = exp / "leaderboard.json"
         report["leaderboard"] = json.loads(board.read_text()) if board.exists() else None
         manifest = exp / "manifest.json"
         report["manifest_nodes"] = (json.loads(manifest.read_text())["sessions"][0]["nodes"] if manifest.exists()
                                     else None)
-        report["driver_tail"] = out[-2000:]
+        report["driver_tail"] = log.read_text()[-2000:]
     finally:
-        kill_node(worker_tmp)
-        kill_node(head_tmp)
-        for folder in (worker_tmp, head_tmp):
+        for folder in (spare_tmp, worker_tmp, head_tmp):
+            kill_node(folder)
             shutil.rmtree(folder, ignore_errors=True)
     return report
 
