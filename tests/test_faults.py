@@ -49,11 +49,6 @@ def checkpointed_epoch(exp_dir: Path) -> int:
     return max(registered or [e[-1] for e in reported_epochs(exp_dir).values() if e], default=0)
 
 
-def trial_errors(exp_dir: Path) -> str:
-    """The tail of each errored trial's error.txt, so a failed assertion says why a trial failed."""
-    return "\n".join(f"{f.parent.name}: {f.read_text()[-1500:]}" for f in exp_dir.glob("tune_trial_*/error.txt"))
-
-
 def config_file(tmp_path: Path, **search) -> Path:
     raw = yaml.safe_load(SMOKE.read_text())
     raw["search"].update(search)
