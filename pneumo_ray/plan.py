@@ -66,6 +66,13 @@ def concurrency_here(cfg: Config) -> int:
     return min(cfg.search.max_concurrent_trials, max(1, math.floor((os.cpu_count() or 1) / per_trial + 1e-9)))
 
 
+def asha_line(s, epochs: int) -> str:
+    """A grace period as long as the trials leaves ASHA nothing to stop: the sweep caps it at their length."""
+    if s.asha.grace_period >= epochs:
+        return f"ASHA stops none: its grace period ({s.asha.grace_period} epochs) is not shorter than the trials"
+    return f"ASHA after {s.asha.grace_period} epochs, reduction factor {s.asha.reduction_factor}"
+
+
 def plan_lines(cfg: Config, splits: Splits, local: bool) -> list[str]:
     s, r, k = cfg.search, cfg.resources, max(1, cfg.data.cv_folds)
     concurrency = concurrency_here(cfg) if local else s.max_concurrent_trials
@@ -83,9 +90,8 @@ def plan_lines(cfg: Config, splits: Splits, local: bool) -> list[str]:
         f"at once: {concurrency} trial(s) " + (
             "(what this machine's cores fit, at most search.max_concurrent_trials)" if local
             else "(search.max_concurrent_trials; the cluster's room decides)"),
-        "early stopping: " + (f"ASHA after {s.asha.grace_period} epochs, reduction factor {s.asha.reduction_factor}"
-                              if s.asha.enabled else "no ASHA") + (f"; a time budget of {duration(s.time_budget_s)}"
-                                                                   if s.time_budget_s else ""),
+        "early stopping: " + (asha_line(s, epochs) if s.asha.enabled else "no ASHA")
+        + (f"; a time budget of {duration(s.time_budget_s)}" if s.time_budget_s else ""),
     ]
     threads = max(1, int(r.cpus_per_worker))
     # A fold-model trains on (k-1)/k of the pool and validates on the rest; folds run side by side.

@@ -294,7 +294,10 @@ def make_tuner(cfg: Config, splits: Splits, resume: bool, concurrency: int, stor
         space=DefineByRun(cfg), metric=s.metric, mode=mode,
         points_to_evaluate=[dict(p) for p in s.initial_points] + stratified_start(cfg) or None,
         sampler=make_sampler(cfg), study_name=cfg.experiment.name, storage=study_storage)
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=max(trial_epochs(cfg)), grace_period=s.asha.grace_period,
+    # Tune refuses a grace period longer than the trials (a config's 3 epochs under `--epochs 2`); capped, ASHA
+    # simply stops nothing early, as the plan says.
+    max_t = max(trial_epochs(cfg))
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=min(s.asha.grace_period, max_t),
                                reduction_factor=s.asha.reduction_factor) if s.asha.enabled else FIFOScheduler())
     watch = [StorageWatch(exp_uri, storage_reserve)] if storage_reserve and not storage.is_remote(exp_uri) else []
     return tune.Tuner(

@@ -305,8 +305,15 @@ def test_validate_prints_the_config_and_plan_and_starts_and_writes_nothing(tmp_p
     assert "trials: 5 (tpe sampler over cnn_bn, mlp)" in plan and "at once: 1 trial(s)" in plan
     estimate = next(line for line in plan.splitlines() if line.startswith("estimate: "))
     assert "cnn_bn ~" in estimate and "mlp ~" in estimate and "the sweep ~" in estimate
+    assert "early stopping: ASHA after 1 epochs, reduction factor 2" in plan
     assert out.rstrip().endswith("nothing was started or written")
     assert not storage.exists() and os.listdir(private_ray_tmpdir) == []
+
+    # --epochs shorter than ASHA's grace period: the sweep caps the grace period (test_inline's grid sweep runs it)
+    code = cli.main(["validate", "--config", str(SMOKE), "--storage", str(storage), "--epochs", "1",
+                     "--set", "search.asha.grace_period=3"])
+    assert code == 0 and "early stopping: ASHA stops none: its grace period (3 epochs) is not shorter than the " \
+        "trials" in capsys.readouterr().out
 
     code = cli.main(["validate", "--config", str(SMOKE), "--storage", str(storage), "--set", "search.model=[vgg16]",
                      "--set", "data.size=28"])

@@ -112,7 +112,7 @@ def test_grid_sweep_trains_each_point_once_with_each_model_at_its_own_size(tmp_p
     size and used by predict, each at the size it trained at."""
     cfg = inline_config(tmp_path, sampler="grid", model=["small_cnn", "mlp"], optimizer=["adamw", "sgd"],
                         lr=[1.0e-3], weight_decay=[1.0e-4], class_weighting=["none"], num_samples=4,
-                        asha={"enabled": False},
+                        asha={"enabled": True, "grace_period": 3},  # longer than --epochs 1: capped, stops none
                         models={"small_cnn": {"arch": "cnn_bn", "head_dropout": 0.0, "size": 40}})
     result = run_cli("--config", str(cfg), "--name", "grid", "--epochs", "1", "--address", ray_address, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
