@@ -186,8 +186,15 @@ def test_interrupted_then_killed_sweep_resumes_without_losing_or_rerunning_trial
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     statuses = trial_statuses(exp)
     (diverged,) = [t for t, s in statuses.items() if s == "ERROR"]
-    assert len(trial_dirs(exp)) == 5 and len(terminated_trials(exp)) == 4
-    assert study_states(exp) == ["FAIL"] + ["COMPLETE"] * 4, f"each trial once, orphaned rows closed: {study_rows(exp)}"
+    # A trial the SIGKILLed driver had only just started may have left its folder empty (Tune names the folder
+    # before the trial writes anything, and the kill can land between) and its Optuna row open: the last session
+    # closes that row as FAIL and asks Optuna for the trial anew.
+    started = [d for d in trial_dirs(exp) if any(d.iterdir())]
+    cut_short = len(trial_dirs(exp)) - len(started)
+    assert len(started) == 5 and cut_short <= 1 and len(terminated_trials(exp)) == 4
+    states = study_states(exp)
+    assert states[0] == "FAIL" and sorted(states[1:]) == ["COMPLETE"] * 4 + ["FAIL"] * cut_short, \
+        f"each trial once, orphaned rows closed: {study_rows(exp)}"
     # The diverged trial's reason reached its error.txt, in the first working directory's experiment (its
     # relative storage), and the resumed driver's output; it was not run again.
     error = (next(exp.glob(f"tune_trial_{diverged}_*")) / "error.txt").read_text()
