@@ -88,12 +88,10 @@ def remove_orphaned_placement_groups() -> None:
 
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, remove_placement_group
-    from ray.util.state import list_placement_groups
 
     for held in held_placement_groups():
         if held["job_status"] not in (None, "PENDING", "RUNNING") and not held["detached"] and not held["actors"]:
-            (pg,) = [g for g in list_placement_groups(limit=10_000) if g.placement_group_id.startswith(held["id"])]
-            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg.placement_group_id)))
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(held["id"])))
             warnings.warn(f"removed placement group {held} left behind by an ended job")
 
 
@@ -110,7 +108,7 @@ def held_placement_groups() -> list[dict]:
             continue
         job = jobs.get(pg.creator_job_id)
         held.append({
-            "id": pg.placement_group_id[:8], "state": pg.state, "detached": pg.is_detached,
+            "id": pg.placement_group_id, "state": pg.state, "detached": pg.is_detached,
             "bundles": [b["unit_resources"] for b in pg.bundles],
             "job": pg.creator_job_id, "job_status": getattr(job, "status", None),
             "entrypoint": (getattr(job, "entrypoint", None) or "")[-120:],
