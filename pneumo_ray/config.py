@@ -38,6 +38,9 @@ class DataConfig:
     resize: str = "stretch"  # folder: non-square to square: stretch, crop (centred square) or pad (black bands)
     min_val_images: int = 50  # folder: a val split smaller than this is carved from train
     val_fraction: float = 0.1
+    # patient: a carved val split and CV folds keep each patient's images together (patients read from Kermany's
+    # file names), since a patient on both sides makes val easier than an unseen test set. image: each image alone.
+    split_by: str = "patient"
     synthetic_train: int = 512
     synthetic_val: int = 128
     synthetic_test: int = 128

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_ray.config import ConfigError, DataConfig
+from pneumo_ray.folds import carve_val, patient_ids, with_folds
 from pneumo_ray.images import IMAGE_SUFFIXES, read_gray
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ class Splits:
     skipped_files: list = field(default_factory=list)  # unreadable images the folder source passed over
     # data.cv_folds: the fold (0..K-1) of each pooled image, the pool being train then val; None: no CV
     folds: np.ndarray | None = None
+    # each pooled image's patient (train then val), which a carved val and CV folds keep on one side; None: the
+    # source names no patients (npz, medmnist, synthetic), or data.split_by is image
+    patients: np.ndarray | None = None
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
@@ -64,7 +68,7 @@ class Splits:
         x, y = self.pool()
         held_out = self.folds == k
         return dataclasses.replace(self, train_x=x[~held_out], train_y=y[~held_out], val_x=x[held_out],
-                                   val_y=y[held_out], folds=None)
+                                   val_y=y[held_out], folds=None, patients=None)
 
     def summary(self) -> str:
         parts = []
@@ -73,6 +77,9 @@ class Splits:
             counts = np.bincount(y, minlength=len(self.class_names))
             parts.append(f"{name} {len(y)} ({'/'.join(str(c) for c in counts)})")
         folds = f", {self.cv_folds} CV folds over train+val" if self.folds is not None else ""
+        if self.patients is not None:
+            folds += f", each of {len(np.unique(self.patients))} patients on one side of val" + (
+                " and of every fold" if self.folds is not None else "")
         return f"{self.source}: {self.image_size}px, " + ", ".join(parts) + f" [{'/'.join(self.class_names)}]" + folds
 
 
@@ -81,22 +88,6 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
     splits = loaders[cfg.source](cfg, seed)
     check_splits(splits, where=splits.source)
     return with_folds(splits, cfg.cv_folds, seed) if cfg.cv_folds else splits
-
-
-def with_folds(splits: Splits, k: int, seed: int) -> Splits:
-    """``splits`` with the pool (train + val) assigned to ``k`` stratified folds, shuffled by ``seed``. Made
-    once, in the driver, and carried with the images, so every worker and the leaderboard agree on them."""
-    from sklearn.model_selection import StratifiedKFold
-
-    _, y = splits.pool()
-    smallest = int(np.bincount(y, minlength=len(splits.class_names)).min())
-    if k > smallest:
-        raise ConfigError(f"data.cv_folds: {k} folds need at least {k} images of each class in train+val, "
-                          f"{splits.source} has {smallest} of its rarest; use data.cv_folds <= {smallest}")
-    folds = np.empty(len(y), dtype=np.int64)
-    for fold, (_, held_out) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(y, y)):
-        folds[held_out] = fold
-    return dataclasses.replace(splits, folds=folds)
 
 
 def check_splits(splits: Splits, where: str) -> None:
@@ -202,20 +193,25 @@ def _load_folder(cfg: DataConfig, seed: int) -> Splits:
             raise ConfigError(f"{root}: none of the {len(files[s])} images under {s}/ could be read "
                               f"(e.g. {shown(files[s][0][0])}); replace them with readable PNG or JPEG files")
 
+    passed_over = set(skipped)
+    patients = ({s: patient_ids([p.name for p, _ in files[s] if shown(p) not in passed_over]) for s in ("train", "val")}
+                if cfg.split_by == "patient" else None)
     if len(arrays["val"][1]) < cfg.min_val_images:
         # Kaggle's val split has 16 images: too few to select models on. Carve a stratified one from train.
-        from sklearn.model_selection import train_test_split
-
         tx, ty = arrays["train"]
         vx, vy = arrays["val"]
-        tx, cx, ty, cy = train_test_split(tx, ty, test_size=cfg.val_fraction, stratify=ty, random_state=seed)
-        arrays["train"] = (tx, ty)
-        arrays["val"] = (np.concatenate([vx, cx]), np.concatenate([vy, cy]))
+        keep, carved = carve_val(ty, None if patients is None else patients["train"], cfg.val_fraction, seed)
+        arrays["train"] = (tx[keep], ty[keep])
+        arrays["val"] = (np.concatenate([vx, tx[carved]]), np.concatenate([vy, ty[carved]]))
+        if patients is not None:
+            patients = {"train": patients["train"][keep],
+                        "val": np.concatenate([patients["val"], patients["train"][carved]])}
 
     if skipped:
         log.warning("skipped %d unreadable image(s): %s%s", len(skipped), ", ".join(skipped[:10]),
                     " ..." if len(skipped) > 10 else "")
-    return Splits(*arrays["train"], *arrays["val"], *arrays["test"], source=f"folder:{root}", skipped_files=skipped)
+    return Splits(*arrays["train"], *arrays["val"], *arrays["test"], source=f"folder:{root}", skipped_files=skipped,
+                  patients=None if patients is None else np.concatenate([patients["train"], patients["val"]]))
 
 
 def folder_files(root: Path) -> tuple[dict[str, list[tuple[Path, int]]], list[str]]:

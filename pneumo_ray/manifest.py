@@ -137,6 +137,8 @@ def data_identity(data: DataConfig, splits) -> dict:
     identity["class_counts"] = counts
     if data.cv_folds:
         identity["cv_folds"] = data.cv_folds
+    if data.source == "folder" or data.cv_folds:  # what a carved val and the folds kept together
+        identity["split_by"] = "image" if splits.patients is None else "patient"
     return identity
 
 

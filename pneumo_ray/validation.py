@@ -29,6 +29,7 @@ MEDMNIST_SIZES = (28, 64, 128, 224)
 CROP_MODES = ("none", "pad", "resized")
 NORMALIZATIONS = ("train", "imagenet", "half", "none")  # augment.py
 RESIZE_RULES = ("stretch", "crop", "pad")  # images.read_gray
+SPLIT_RULES = ("patient", "image")  # data.py: what a carved val split and CV folds keep together
 THRESHOLD_RULES = ("youden", "sensitivity")
 SELECTION_METRICS = ("val_auc", "val_acc", "val_balanced_acc", "val_f1", "val_loss")
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -146,6 +147,7 @@ def _validate_data(cfg: Config) -> None:
         _check(bool(d.path), "data.path", f"source {d.source!r} needs a path (or use --data {d.source}:PATH)")
     _check(0 < d.val_fraction < 0.5, "data.val_fraction", "must be between 0 and 0.5")
     _check_choices([d.resize], RESIZE_RULES, "data.resize")
+    _check_choices([d.split_by], SPLIT_RULES, "data.split_by")
     _check(_whole(d.cv_folds) and (d.cv_folds == 0 or d.cv_folds >= 2), "data.cv_folds",
            f"must be 0 (off) or a number of folds >= 2, such as 5; got {d.cv_folds!r}")
     _check(d.cv_folds == 0 or cfg.resources.launcher == "train", "data.cv_folds",

@@ -62,6 +62,7 @@ def run_main(capsys, *args) -> tuple[int, str]:
     ({"augment__zoom": 1.5}, "augment.zoom: must be in [0, 1)"),
     ({"augment__shear_deg": 95}, "augment.shear_deg: must be in 0..90 degrees"),
     ({"data__resize": "fit"}, "data.resize: unknown value 'fit'; choose from stretch, crop, pad"),
+    ({"data__split_by": "study"}, "data.split_by: unknown value 'study'; choose from patient, image"),
     ({"models": {"resnet18": {"pretrained": True}}}, "models.resnet18: is not in search.model (cnn_bn, mlp)"),
     ({"models": {"mlp": {"freeze_depth": [0, 1]}}},
      "models.mlp.freeze_depth: freezing only makes sense for pretrained"),

@@ -151,3 +151,6 @@ def test_readme_chest_xray_sweep_passes_every_check_before_ray(tmp_path, monkeyp
     splits = prepared.splits
     assert splits.image_size == 64 and splits.cv_folds == 3 and len(splits.test_y) == 624
     assert len(splits.folds) == len(splits.pool()[1]) == 5216  # every train image, val carved from it included
+    # Kermany's 5,216 train X-rays are of 2,846 patients; none of them is split across two folds
+    assert prepared.data_identity["split_by"] == "patient" and len(np.unique(splits.patients)) == 2846
+    assert len(set(zip(splits.patients, splits.folds))) == 2846, "a patient's X-rays sit in two folds"

@@ -256,3 +256,70 @@ def test_a_models_own_size_is_made_from_the_loaded_images_and_kept_per_process()
     assert np.abs(small.test_x.astype(int) - pil).max() <= 1
     flat = np.full((3, 50, 50), 77, np.uint8)
     assert (resize_images(flat, 20) == 77).all() and resize_images(flat, 50) is flat
+
+
+def make_kermany_tree(root, patients, per_patient, size=28, test=(6, 6)):
+    """Kermany-named X-rays: ``patients`` (normal, pneumonia) patients of ``per_patient`` images each in train,
+    as IM-NNNN-MMMM (a few NORMAL2-IM-...) and personN_bacteria_M / personN_virus_M, plus a test split."""
+    rng = np.random.default_rng(0)
+
+    def save(folder, name):
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(folder / name)
+
+    for p in range(patients[0]):
+        for k in range(per_patient):
+            save(root / "train" / "NORMAL", f"{'NORMAL2-' if p % 4 == 0 else ''}IM-{p:04d}-{k + 1:04d}.jpeg")
+    for p in range(patients[1]):
+        for k in range(per_patient):
+            save(root / "train" / "PNEUMONIA", f"person{p}_{'virus' if k % 2 else 'bacteria'}_{100 * p + k}.jpeg")
+    for cls, n in zip(("NORMAL", "PNEUMONIA"), test):
+        for i in range(n):
+            save(root / "test" / cls, f"test_{i}.png")
+
+
+def test_patient_ids_follow_kermany_names():
+    from pneumo_ray.folds import patient_ids
+
+    names = ["person12_bacteria_3.jpeg", "person12_virus_9.jpeg", "person1_virus_2.jpeg", "IM-0115-0001.jpeg",
+             "IM-0115-0002.jpeg", "NORMAL2-IM-0115-0001.jpeg", "scan.png", "IM-scan.png"]
+    assert patient_ids(names).tolist() == ["person12", "person12", "person1", "IM-0115", "IM-0115",
+                                           "NORMAL2-IM-0115", "scan.png", "IM-scan.png"]
+
+
+@pytest.mark.parametrize("cv_folds", [0, 3])
+def test_folder_val_and_folds_keep_each_patient_on_one_side(tmp_path, cv_folds):
+    """A patient's X-rays on both sides of val would grade models on patients they trained on; split_by: patient
+    (the default) keeps them together, split_by: image is the plain stratified split, which here leaks."""
+    from sklearn.model_selection import train_test_split
+
+    from pneumo_ray.data import folder_files
+    from pneumo_ray.folds import patient_ids
+
+    root = tmp_path / "chest_xray"
+    make_kermany_tree(root, patients=(20, 30), per_patient=4)
+    by_patient = DataConfig(source="folder", path=str(root), size=28, min_val_images=10, val_fraction=0.2,
+                            cache_dir=None, cv_folds=cv_folds)
+    by_image = DataConfig(**{**by_patient.__dict__, "split_by": "image"})
+    splits, plain = load_splits(by_patient, seed=0), load_splits(by_image, seed=0)
+    assert_splits_form(splits, 28)
+    assert plain.patients is None and len(splits.patients) == len(splits.pool()[1]) == 200
+    assert len(np.unique(splits.patients)) == 50 and "each of 50 patients on one side of val" in splits.summary()
+
+    train_patients = set(splits.patients[: len(splits.train_y)])
+    val_patients = set(splits.patients[len(splits.train_y):])
+    assert not train_patients & val_patients, "a patient on both sides of val"
+    assert len(val_patients) == 10 and len(splits.val_y) == 40, "a fifth of the patients, every image of each"
+    assert np.bincount(splits.val_y).tolist() == [16, 24], "stratified: val's classes in train's proportion"
+    # split_by: image is the stratified image split data.split_by replaced, which puts patients on both sides
+    files = folder_files(root)[0]["train"]
+    labels, ids = np.array([label for _, label in files]), patient_ids([path.name for path, _ in files])
+    kept, carved = train_test_split(np.arange(200), test_size=0.2, stratify=labels, random_state=0)
+    assert np.array_equal(plain.val_x, np.stack([read_gray(files[i][0], 28, "stretch") for i in carved]))
+    assert np.array_equal(plain.val_y, labels[carved]) and len(set(ids[kept]) & set(ids[carved])) > 5
+
+    if cv_folds:
+        assert splits.cv_folds == plain.cv_folds == 3
+        assert len(set(zip(splits.patients, splits.folds))) == 50, "a patient's X-rays in two folds"
+        for label in (0, 1):
+            assert np.bincount(splits.folds[splits.pool()[1] == label]).min() > 0

@@ -19,6 +19,7 @@ from pneumo_ray.config import ConfigError, DataConfig
 from pneumo_ray.data import load_splits
 from pneumo_ray.sweep import prepare
 from tests.conftest import ROOT, write_npz
+from tests.test_data import make_kermany_tree
 from tests.test_fuzz import folder_cfg, kaggle_folder
 
 SMOKE = ROOT / "sweeps" / "configs" / "smoke.yaml"
@@ -89,3 +90,31 @@ def test_resume_stops_on_changed_data_and_warns_on_changed_packages(tmp_path, mo
     with caplog.at_level(logging.WARNING, logger="pneumo_ray"):
         prepare(cfg, resume=True)
     assert "resuming with other package versions" in caplog.text and "torch 1.0.0 -> " in caplog.text
+
+
+def test_a_folder_experiment_from_before_patient_splits_resumes_with_its_image_split(tmp_path, monkeypatch):
+    """Its manifest names no split_by: its val was carved image by image, so --resume carves it that way again
+    rather than train the rest of its trials on another split; a newer experiment keeps its patient split."""
+    folder = tmp_path / "chest_xray"
+    make_kermany_tree(folder, patients=(20, 30), per_patient=4)
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(SMOKE, {"data.source": "folder", "data.path": str(folder), "data.cache_dir": None})
+    exp = Path(cfg.experiment_uri)
+    exp.mkdir(parents=True)
+    (exp / "pneumo_config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (exp / "tuner.pkl").write_bytes(b"Tune's saved Tuner")
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+
+    by_image = DataConfig(**{**cfg.data.__dict__, "split_by": "image"})
+    before = manifest.data_identity(by_image, load_splits(by_image, cfg.experiment.seed))
+    del before["split_by"]  # as the manifests written before data.split_by
+    (exp / "manifest.json").write_text(json.dumps({"data": before, "sessions": [{"packages": manifest.packages()}]}))
+    resumed = prepare(cfg, resume=True)
+    assert resumed.cfg.data.split_by == "image" and resumed.splits.patients is None
+    assert np.array_equal(resumed.splits.val_x, load_splits(by_image, cfg.experiment.seed).val_x)
+
+    current = manifest.data_identity(cfg.data, load_splits(cfg.data, cfg.experiment.seed))
+    assert current["split_by"] == "patient"
+    (exp / "manifest.json").write_text(json.dumps({"data": current, "sessions": [{"packages": manifest.packages()}]}))
+    resumed = prepare(cfg, resume=True)
+    assert resumed.cfg.data.split_by == "patient" and len(np.unique(resumed.splits.patients)) == 50
