@@ -28,7 +28,9 @@ PLANS = {
              ["folder_cache.py", "--sizes", "64", "128", "224"],
              # one configuration, 5 seeds: the single val split's noise against the 3-fold mean's; then 12
              # trials swept with and without 3-fold CV: how well each selection metric ranks test AUC
-             ["selection.py", "--seeds", "5", "--folds", "3", "--epochs", "3", "--trials", "12"]],
+             ["selection.py", "--seeds", "5", "--folds", "3", "--epochs", "3", "--trials", "12"],
+             # the chest X-ray folder's val carved by image and by patient: which grades models as test does
+             ["patient_split.py", "--seeds", "5", "--epochs", "6"]],
     # 574 s in the slowest hour yet measured (fp32 matmul 91-162 GFLOP/s, against 196-225 usually), since the
     # benchmark sweeps stop after the search (f48ca92: no test leaderboard or report, 9-12 s a sweep). Before that,
     # 551 s at the usual speed and 703 s in a slow hour (matmul 135). A 256-image search (749 s) or 2 seeds (676 s)

@@ -194,3 +194,31 @@ def test_soak_smoke_leaves_nothing_behind(tmp_path):
         assert run["rss_curve"] and all(_positive(s["rss_mb"]) for s in run["rss_curve"])
         assert _positive(run["trials_per_min"]) and run["overhead_s"]["last_20"] is not None
     assert (tmp_path / "soak_smoke_rss.png").stat().st_size > 1000
+
+
+@benchmark
+def test_patient_split_benchmark_compares_both_splits_on_a_kermany_folder(tmp_path):
+    """benchmarks/patient_split.py on Kermany-named images the test writes (the real folder is a measurement)."""
+    from tests.test_data import make_kermany_tree
+
+    folder, results = tmp_path / "chest_xray", tmp_path / "results"
+    make_kermany_tree(folder, patients=(30, 40), per_patient=3, test=(10, 10))
+    env = {**os.environ, "PNEUMO_BENCH_RESULTS": str(results)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "patient_split.py"), "--folder", str(folder),
+                           "--seeds", "2", "--epochs", "1", "--processes", "1"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((results / "patient_split.json").read_text())
+    assert [(r["split_by"], r["seed"]) for r in result["runs"]] == [("image", 1), ("patient", 1), ("image", 2),
+                                                                     ("patient", 2)]
+    for run in result["runs"]:
+        assert run["val_images"] == 21 and run["epoch"] == 1
+        assert run["val_patients"] == (None if run["split_by"] == "image" else 7)  # a tenth of 70 patients
+        for part in ("val", "test"):
+            assert 0 <= run[part]["auc"] <= 1 and 0 <= run[part]["normal_recall"] <= 1
+    for split_by in ("image", "patient"):
+        mine = [r for r in result["runs"] if r["split_by"] == split_by]
+        assert result["median"][split_by]["auc_gap"] == pytest.approx(
+            statistics.median(r["val"]["auc"] - r["test"]["auc"] for r in mine))
+    # 3 X-rays a patient: an image split leaves most val images with a patient in train
+    assert all(share > 0.5 for share in result["image_split_val_images_with_patient_in_train"])
