@@ -258,7 +258,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pneumo_ray import config, storage
+    from pneumo_ray import config, manifest, storage
     from pneumo_ray.errors import BadArgument
     from pneumo_ray.layout import LEADERBOARD_JSON, LEADERBOARD_MD
     from pneumo_ray.sweep import finish, load_sweep_splits
@@ -269,7 +269,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                           "`python sweeps/run.py --resume --storage DIR --name NAME`, or check the path")
     saved = storage.join(where, CONFIG_FILE)
     with reading_experiment(where):
-        cfg = config.loads(storage.read_text(saved), saved)
+        cfg = manifest.as_started(config.loads(storage.read_text(saved), saved), where)
         splits = load_sweep_splits(cfg)  # the same data the sweep used (checked like a sweep's)
         finish(storage.mirror(where), where, cfg, splits)
     print(storage.read_text(storage.join(where, LEADERBOARD_MD)))

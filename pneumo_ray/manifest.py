@@ -8,6 +8,7 @@ node's OS, CPU and GPUs. ``--resume`` stops when the data's identity changed and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -150,6 +151,15 @@ def load(exp_uri: str) -> dict | None:
         return json.loads(storage.read_text(path))
     except ValueError:
         return None
+
+
+def as_started(cfg: Config, exp_uri: str) -> Config:
+    """``cfg`` (an experiment's saved config) with the split its experiment began on: one started before
+    data.split_by carved val image by image, and its trials, thresholds and report must keep to that val."""
+    started_on = (load(exp_uri) or {}).get("data", {})
+    if started_on and "split_by" not in started_on:
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_by="image"))
+    return cfg
 
 
 def check_resume(exp_uri: str, identity: dict) -> None:

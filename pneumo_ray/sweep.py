@@ -61,9 +61,7 @@ def prepare(cfg: Config, resume: bool, local: bool = False, check_ray: bool = Tr
         check_tune_state(exp_uri)
         cfg = dataclasses.replace(saved_cfg, experiment=dataclasses.replace(
             saved_cfg.experiment, storage=cfg.experiment.storage))
-        started_on = (manifest.load(exp_uri) or {}).get("data", {})
-        if started_on and "split_by" not in started_on:  # started before data.split_by: its val was split by image
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_by="image"))
+        cfg = manifest.as_started(cfg, exp_uri)
     elif storage.has_files(exp_uri):
         raise ConfigError(f"{exp_uri}: experiment '{cfg.experiment.name}' already exists; "
                           "pass --resume to continue it or --name NEW to start another (nothing was overwritten)")

@@ -93,8 +93,9 @@ def test_resume_stops_on_changed_data_and_warns_on_changed_packages(tmp_path, mo
 
 
 def test_a_folder_experiment_from_before_patient_splits_resumes_with_its_image_split(tmp_path, monkeypatch):
-    """Its manifest names no split_by: its val was carved image by image, so --resume carves it that way again
-    rather than train the rest of its trials on another split; a newer experiment keeps its patient split."""
+    """Its manifest names no split_by: its val was carved image by image, so --resume (and `pneumo-ray report`)
+    carve it that way again rather than score its trials on another split; a newer experiment keeps its patient
+    split."""
     folder = tmp_path / "chest_xray"
     make_kermany_tree(folder, patients=(20, 30), per_patient=4)
     monkeypatch.chdir(tmp_path)
@@ -111,6 +112,7 @@ def test_a_folder_experiment_from_before_patient_splits_resumes_with_its_image_s
     (exp / "manifest.json").write_text(json.dumps({"data": before, "sessions": [{"packages": manifest.packages()}]}))
     resumed = prepare(cfg, resume=True)
     assert resumed.cfg.data.split_by == "image" and resumed.splits.patients is None
+    assert manifest.as_started(cfg, cfg.experiment_uri).data.split_by == "image"  # what `pneumo-ray report` reads
     assert np.array_equal(resumed.splits.val_x, load_splits(by_image, cfg.experiment.seed).val_x)
 
     current = manifest.data_identity(cfg.data, load_splits(cfg.data, cfg.experiment.seed))
