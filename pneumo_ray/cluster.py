@@ -152,3 +152,36 @@ def init_ray(cfg: Config, address: str | None) -> int:
         log.info("%d cores fit %d trial(s) of %g CPUs at once; running %d concurrently instead of "
                  "search.max_concurrent_trials=%d", cores, fits, per_trial, fits, s.max_concurrent_trials)
     return min(fits, s.max_concurrent_trials)
+
+
+def remove_orphaned_placement_groups() -> list[str]:
+    """Give back cores that an ended sweep left reserved. Ray removes a run's placement groups when the run
+    ends, yet a Ray Train worker group has been seen to stay reserved after its job ended (killed or not), every
+    actor in it dead; on a long-lived cluster it holds those cores for good, and the next sweep's trials wait for
+    them forever. Removed here: groups not detached, made by a job that has ended and has no live (detached)
+    actor left, with no live actor in them.
+    Returns their ids; each is logged. Without the state API (no dashboard) nothing can be seen or removed."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        from ray.util.state import list_actors, list_jobs, list_placement_groups
+
+        ended = {j.job_id for j in list_jobs(limit=10_000)
+                 if j.job_id and str(getattr(j.status, "value", j.status)) in ("SUCCEEDED", "FAILED", "STOPPED")}
+        live = [a for a in list_actors(limit=10_000, detail=True) if a.state != "DEAD"]
+        groups = list_placement_groups(limit=10_000, detail=True)
+    except Exception as err:  # the state API needs the dashboard, which a cluster may run without
+        log.debug("placement groups not checked (%s: %s)", type(err).__name__, err)
+        return []
+    removed = []
+    for pg in groups:
+        # a live actor of the group's job may be its (detached) owner; a live actor in it, its user
+        if (pg.state != "REMOVED" and not pg.is_detached and pg.creator_job_id in ended
+                and not any(a.job_id == pg.creator_job_id or a.placement_group_id == pg.placement_group_id
+                            for a in live)):
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg.placement_group_id)))
+            removed.append(pg.placement_group_id)
+            log.warning("removed placement group %s (%s), left reserved by the ended job %s",
+                        pg.placement_group_id, [b["unit_resources"] for b in pg.bundles], pg.creator_job_id)
+    return removed

@@ -228,6 +228,7 @@ def run(prepared: Prepared, address: str | None = None, leaderboard: bool = True
     sweep_started = time.time()
     owns_ray = not ray.is_initialized()
     concurrency = cluster.init_ray(cfg, address)
+    cluster.remove_orphaned_placement_groups()  # cores a killed or finished run left reserved
     outcome = "failed"
     try:
         manifest.begin_session(cfg, prepared.data_identity or manifest.data_identity(cfg.data, splits))

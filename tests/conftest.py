@@ -81,18 +81,14 @@ def wait_for_free_cpus(ray, cpus: float, timeout_s: float = 180) -> None:
 
 
 def remove_orphaned_placement_groups() -> None:
-    """Remove placement groups that nothing can use again: made by a job that has ended, not detached, with
-    no actor in them. Ray removes these when their job ends, but the suite has seen one outlive a driver that a
-    test had killed, holding a core of the shared Ray for good. Each removal is a warning in the test summary."""
+    """The sweep's own clean-up (cluster.remove_orphaned_placement_groups), between tests: a group an ended job
+    left reserved holds a core of the shared Ray for good. Each removal is a warning in the test summary."""
     import warnings
 
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from pneumo_ray.cluster import remove_orphaned_placement_groups as remove
 
-    for held in held_placement_groups():
-        if held["job_status"] not in (None, "PENDING", "RUNNING") and not held["detached"] and not held["actors"]:
-            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(held["id"])))
-            warnings.warn(f"removed placement group {held} left behind by an ended job")
+    for removed in remove():
+        warnings.warn(f"removed placement group {removed}, left behind by an ended job")
 
 
 def held_placement_groups() -> list[dict]:
