@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -166,6 +167,28 @@ def comparison_sentence(rows: list[dict]) -> str:
             + "; ".join(parts) + ".")
 
 
+TRANSFER_METRICS = ("auc", "sensitivity", "specificity")
+SLACK = 0.01  # a saturated metric's interval shrinks to one point (e.g. [1.000, 1.000]): no warning over a hair
+
+
+def transfer_sentence(row: dict) -> str:
+    """In words: whether val, on which the row was chosen and its threshold set, foretold its test numbers, i.e.
+    whether each of its val AUC, sensitivity and specificity (at its threshold) lies within test's 95% interval
+    (give or take SLACK).
+    Where one does not, the test images differ from val's in a way no choice made on val could see."""
+    if row.get("scored_val_auc") is None:  # a leaderboard written before these columns
+        return ""
+    outside = [f"{METRIC_TITLES[m]} {row[f'scored_val_{m}']:.3f} on val against {with_ci(row, f'test_{m}')} on test"
+               for m in TRANSFER_METRICS if not math.isnan(row[f"scored_val_{m}"])  # nan: val lacks a class
+               and not row[f"test_{m}_lo"] - SLACK <= row[f"scored_val_{m}"] <= row[f"test_{m}_hi"] + SLACK]
+    who = f"{label_of(row)} (threshold {row['threshold']:.3f})"
+    if not outside:
+        return f"Val foretold test for {who}: its val AUC, sensitivity and specificity lie within test's 95% intervals."
+    return (f"Val did not foretell test for {who}: " + "; ".join(outside) + ". The test images differ from those "
+            "the model and its threshold were chosen on, so these choices may not hold on new data either; "
+            "pneumo-ray's docs/selection.md explains.")
+
+
 def score(val_y: np.ndarray, val_prob: np.ndarray, test_y: np.ndarray, test_prob: np.ndarray,
           lb: LeaderboardConfig, seed: int) -> tuple[dict, dict]:
     """One row's test numbers: the threshold chosen on val, then metrics at it and at 0.5 with bootstrap
@@ -178,6 +201,10 @@ def score(val_y: np.ndarray, val_prob: np.ndarray, test_y: np.ndarray, test_prob
 
     threshold = decision_threshold(val_y, val_prob, lb)
     flat: dict = {"threshold": threshold}
+    # The same numbers on the predictions the threshold was chosen on, so the leaderboard can say whether val
+    # foretold test (transfer_sentence). Named scored_val_* so that no column is mistaken for the search metric.
+    on_val = binary_metrics(val_y, val_prob, threshold)
+    flat.update({f"scored_val_{m}": on_val[m] for m in TRANSFER_METRICS})
     details: dict = {"threshold": threshold, "confusion": {}, "per_class": {}}
     for suffix, t in (("", threshold), (HALF, 0.5)):
         point = binary_metrics(test_y, test_prob, t)
@@ -288,5 +315,6 @@ def to_markdown(rows: list[dict], settings: dict | None = None) -> str:
                   "", *markdown_table(*runs)]
     text = describe(settings) + "\n\n" + "\n".join(lines) if settings else "\n".join(lines)
     text += "\n\n" + comparison_sentence(rows) if len(rows) > 1 else ""
+    text += "\n\n" + transfer_sentence(rows[0]) if transfer_sentence(rows[0]) else ""
     return text + "\n\nCheckpoints: " + ", ".join(f"rank {r['rank']}: `{r['checkpoint']}`"
                                                 for r in trial_rows(rows)) + "\n"

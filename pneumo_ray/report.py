@@ -43,6 +43,7 @@ from pneumo_ray.leaderboard import (
     is_ensemble,
     label_of,
     results_table,
+    transfer_sentence,
     trial_rows,
 )
 from pneumo_ray.repeats import runs_table
@@ -84,6 +85,7 @@ def leaderboard_section(rows: list[dict], metric: str, settings: dict) -> str:
             "ensemble averages the ranked models' probabilities and gets its own threshold on val.</p>"
             + table(header, body, [ENSEMBLE if is_ensemble(r) else "" for r in rows])
             + f'<p class="verdict">{html.escape(comparison_sentence(rows))}</p>'
+            + f'<p class="verdict">{html.escape(transfer_sentence(rows[0]))}</p>'
             + "<h3>Configurations</h3>" + table(*configs_table(rows))
             + ("<h3>Over each configuration's runs (leaderboard.repeats)</h3><p class='note'>Its own run and its "
                "repeats with new seeds, each at its own threshold chosen on val; ranked on the mean val metric.</p>"

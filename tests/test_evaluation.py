@@ -280,6 +280,49 @@ def test_temperature_is_fitted_on_val_and_applied_to_test(tmp_path):
     assert json.loads((exp_dir / "evaluation.json").read_text())["settings"]["temperature_scaling"] is True
 
 
+def test_the_leaderboard_says_whether_val_foretold_test(tmp_path):
+    """One model, its val and test margins drawn alike except that test's normal images are pushed towards
+    pneumonia (the shift seen between Kermany's train and test folders). The leaderboard, the model card and the
+    report must name what val got wrong (AUC, specificity) and nothing it got right (sensitivity); with no shift,
+    they must say val foretold test."""
+    from pneumo_ray.leaderboard import transfer_sentence
+    from pneumo_ray.model_card import write_model_card
+    from pneumo_ray.report import write_report
+
+    rng = np.random.default_rng(1)
+    n = 300
+    val_y, test_y = (rng.random(n) < 0.6).astype(int), (rng.random(n) < 0.6).astype(int)
+    cfg = config.from_dict({"leaderboard": {"top_k": 1}}, check=False)
+    for shift, exp_dir in ((2.0, tmp_path / "shifted"), (0.0, tmp_path / "alike")):
+        val_m = np.where(val_y == 1, 1.8, -1.8) + rng.normal(0, 1.0, n)
+        test_m = np.where(test_y == 1, 1.8, -1.8 + shift) + rng.normal(0, 1.0, n)
+        save_checkpoint(exp_dir, "trial0", lookup_mlp(np.concatenate([val_m, test_m])), 0.99)
+        splits = Splits(one_hot_images(0, 8), np.array([0, 1] * 4), one_hot_images(0, n), val_y,
+                        one_hot_images(n, n), test_y, source="crafted")
+
+        row = write_leaderboard(exp_dir, cfg, splits)[0]
+
+        with np.load(exp_dir / "predictions.npz") as saved:
+            np.testing.assert_allclose(saved["val_1"], expit(val_m), atol=1e-5)
+            on_val = binary_metrics(val_y, saved["val_1"], row["threshold"])
+        for m in ("auc", "sensitivity", "specificity"):  # the val predictions the threshold was chosen on
+            assert row[f"scored_val_{m}"] == pytest.approx(on_val[m], abs=1e-4), m
+        sentence = transfer_sentence(row)
+        board = (exp_dir / "leaderboard.md").read_text()
+        card = write_model_card(exp_dir, cfg, splits).read_text()
+        page = write_report(exp_dir, cfg, splits).read_text()
+        assert sentence in board and sentence in card and sentence in page.replace("&#x27;", "'")
+        if shift:
+            assert sentence.startswith("Val did not foretell test for #1 mlp")
+            assert row["scored_val_specificity"] > row["test_specificity_hi"]
+            assert f"specificity {row['scored_val_specificity']:.3f} on val" in sentence and "AUC" in sentence
+            assert "sensitivity" not in sentence.split(":", 1)[1].split(". The")[0]
+        else:
+            assert sentence.startswith("Val foretold test for #1 mlp (threshold ")
+    # A leaderboard written before these columns says nothing rather than guessing.
+    assert transfer_sentence({k: v for k, v in row.items() if not k.startswith("scored_val_")}) == ""
+
+
 def test_report_without_tune_or_optuna_state_still_renders(tmp_path):
     """The report reads what the leaderboard saved; missing Tune results or study give a note, not a crash,
     and reading never creates files (opening a missing SQLite study would create an empty database)."""
