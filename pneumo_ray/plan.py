@@ -44,7 +44,10 @@ def seconds_per_image(cfg: Config, splits: Splits, label: str, threads: int) -> 
 
     def epoch_of(steps: int) -> float:
         n = min(len(splits.train_y), steps * batch)
-        small = dataclasses.replace(splits, train_x=splits.train_x[:n], train_y=splits.train_y[:n])
+        # Spread over the whole split: a folder's train images come class by class, and a one-class slice would
+        # leave nothing for class weighting to balance.
+        some = np.linspace(0, len(splits.train_y) - 1, n).round().astype(int)
+        small = dataclasses.replace(splits, train_x=splits.train_x[some], train_y=splits.train_y[some])
         run = build_run(cfg, params, small, session)
         train_x = torch.from_numpy(np.ascontiguousarray(small.train_x))
         started = time.perf_counter()

@@ -321,6 +321,21 @@ def test_validate_prints_the_config_and_plan_and_starts_and_writes_nothing(tmp_p
     assert code == 2 and "search.model: 'vgg16' cannot be built for 28px images" in capsys.readouterr().err
 
 
+def test_validate_times_class_weighted_training_on_a_folder_whose_images_come_class_by_class(tmp_path, capsys):
+    """A folder's train images are read NORMAL first; validate's timed steps once took the first few, all normal,
+    and class weighting (every study preset on the Kaggle folder uses the sampler) crashed on a one-class batch."""
+    from tests.test_data import make_kermany_tree
+
+    root = tmp_path / "chest_xray"
+    make_kermany_tree(root, patients=(30, 30), per_patient=3)
+    code = cli.main(["validate", "--config", str(SMOKE), "--storage", str(tmp_path / "results"),
+                     "--data", f"folder:{root}", "--set", "search.class_weighting=[sampler]",
+                     "--set", "search.batch_size=[16]"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "estimate: " in out and out.rstrip().endswith("nothing was started or written")
+
+
 def test_an_mlflow_server_that_does_not_answer_is_one_line_before_ray(tmp_path, capsys):
     code, err = run_main(capsys, "--config", str(SMOKE), "--storage", str(tmp_path),
                          "--set", "tracking.mlflow.tracking_uri=http://127.0.0.1:9")
