@@ -85,15 +85,26 @@ def node_names(address: str, known: dict[str, str]) -> dict[str, str]:
     return names
 
 
+def fold_metas(checkpoint: Path) -> list[dict]:
+    """The fold metas of one checkpoint that are whole: Ray copies a reported checkpoint into storage file by
+    file, so a poll can see a meta.json that exists but is still empty."""
+    metas = []
+    for m in checkpoint.glob("fold_*/meta.json"):
+        try:
+            metas.append(json.loads(m.read_text()))
+        except (OSError, json.JSONDecodeError):
+            pass
+    return metas
+
+
 def fold_nodes(checkpoint: Path) -> dict[int, str]:
     """Fold -> the node id that trained it, from one checkpoint's fold metas."""
-    metas = [json.loads(m.read_text()) for m in checkpoint.glob("fold_*/meta.json")]
-    return {m["fold"]: m["metrics"]["node_id"] for m in metas}
+    return {m["fold"]: m["metrics"]["node_id"] for m in fold_metas(checkpoint)}
 
 
 def checkpoints(exp: Path) -> list[Path]:
-    """The trial's checkpoints with both folds' metas written, oldest first."""
-    found = [c for c in exp.glob("train_runs/*/checkpoint_*") if len(list(c.glob("fold_*/meta.json"))) == 2]
+    """The trial's checkpoints with both folds' metas written in full, oldest first."""
+    found = [c for c in exp.glob("train_runs/*/checkpoint_*") if len(fold_metas(c)) == 2]
     return sorted(found, key=lambda c: c.name)
 
 
