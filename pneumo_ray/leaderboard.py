@@ -314,7 +314,7 @@ def to_markdown(rows: list[dict], settings: dict | None = None) -> str:
         lines += ["", "Over each configuration's runs (its own and its repeats, each at its own val threshold):",
                   "", *markdown_table(*runs)]
     text = describe(settings) + "\n\n" + "\n".join(lines) if settings else "\n".join(lines)
-    text += "\n\n" + comparison_sentence(rows) if len(rows) > 1 else ""
-    text += "\n\n" + transfer_sentence(rows[0]) if transfer_sentence(rows[0]) else ""
+    for sentence in (comparison_sentence(rows), transfer_sentence(rows[0])):
+        text += "\n\n" + sentence if sentence else ""
     return text + "\n\nCheckpoints: " + ", ".join(f"rank {r['rank']}: `{r['checkpoint']}`"
                                                 for r in trial_rows(rows)) + "\n"

@@ -84,8 +84,8 @@ def leaderboard_section(rows: list[dict], metric: str, settings: dict) -> str:
     return ("<h2>Test leaderboard</h2>" + f'<p class="note">{html.escape(describe(settings))} Ranked by {metric}; the '
             "ensemble averages the ranked models' probabilities and gets its own threshold on val.</p>"
             + table(header, body, [ENSEMBLE if is_ensemble(r) else "" for r in rows])
-            + f'<p class="verdict">{html.escape(comparison_sentence(rows))}</p>'
-            + f'<p class="verdict">{html.escape(transfer_sentence(rows[0]))}</p>'
+            + "".join(f'<p class="verdict">{html.escape(sentence)}</p>'
+                      for sentence in (comparison_sentence(rows), transfer_sentence(rows[0])) if sentence)
             + "<h3>Configurations</h3>" + table(*configs_table(rows))
             + ("<h3>Over each configuration's runs (leaderboard.repeats)</h3><p class='note'>Its own run and its "
                "repeats with new seeds, each at its own threshold chosen on val; ranked on the mean val metric.</p>"
