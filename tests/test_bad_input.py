@@ -323,7 +323,7 @@ def test_validate_prints_the_config_and_plan_and_starts_and_writes_nothing(tmp_p
 
 def test_validate_times_class_weighted_training_on_a_folder_whose_images_come_class_by_class(tmp_path, capsys):
     """A folder's train images are read NORMAL first; validate's timed steps once took the first few, all normal,
-    and class weighting (every study preset on the Kaggle folder uses the sampler) crashed on a one-class batch."""
+    and the balanced sampler (study001 and both -cpu presets on the Kaggle folder use it) crashed on one class."""
     from tests.test_data import make_kermany_tree
 
     root = tmp_path / "chest_xray"
